@@ -1,0 +1,61 @@
+"""The ``nucsynth`` command line: one sub-command per module in :mod:`nucsynth.commands`.
+
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# Order shown in --help. A module listed here must exist.
+COMMANDS = ("prepare", "train", "synthesize", "edit", "evaluate", "segmenter", "demo")
+
+
+def _load(name: str):
+    return importlib.import_module(f"nucsynth.commands.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (all sub-commands that are installed)."""
+    parser = argparse.ArgumentParser(
+        prog="nucsynth",
+        description="Synthesize H&E tissue with pixel-exact nuclei labels.",
+    )
+    from nucsynth import __version__
+
+    parser.add_argument("--version", action="version", version=f"nucsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            mod = _load(name)
+        except ModuleNotFoundError as e:
+            if e.name == f"nucsynth.commands.{name}":
+                continue  # command not part of this build
+            raise
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nucsynth`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Bad input: say what was wrong, no traceback.
+        print(f"nucsynth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

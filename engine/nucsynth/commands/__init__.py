@@ -1,0 +1,1 @@
+"""Sub-commands of the ``nucsynth`` CLI (see :mod:`nucsynth.cli`)."""
