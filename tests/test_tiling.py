@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+
+from nucsynth.data.tiling import change_magnification, rescale_sample, tile_sample, tile_starts
+from nucsynth.layout import CONSEP_CLASSES, Layout, Sample
+
+from conftest import disk_layout_arrays
+
+
+def _sample(shape=(70, 90), seed=0) -> Sample:
+    """Discs with distinct classes on a random image whose nuclei pixels are dark."""
+    rng = np.random.default_rng(seed)
+    centres = [(8, 10, 6), (30, 45, 9), (60, 85, 7), (35, 5, 5), (66, 20, 4), (15, 70, 8)]
+    inst, _ = disk_layout_arrays(shape, centres, (1, 2, 3, 4, 2, 3))
+    classes = np.array([1, 2, 3, 4, 2, 3])
+    img = rng.integers(150, 256, shape + (3,), dtype=np.uint8)
+    img[inst > 0] = rng.integers(0, 90, (int((inst > 0).sum()), 3), dtype=np.uint8)
+    lay = Layout.from_inst_map(inst, classes, CONSEP_CLASSES)
+    return Sample(lay, img, {"source": "/data/x/slide_7.png", "format": "folder"})
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two instance maps describe the same nuclei up to id renaming."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(set(pairs[0])) == pairs.shape[1] == len(set(pairs[1])) and np.array_equal(a == 0, b == 0)
+
+
+def test_tile_starts_cover_and_none_policy():
+    assert tile_starts(100, 32, 32, "reflect") == [0, 32, 64, 96]
+    assert tile_starts(96, 32, 32, "constant") == [0, 32, 64]
+    assert tile_starts(100, 32, 32, "none") == [0, 32, 64, 68]
+    assert tile_starts(100, 32, 16, "none")[-1] == 68
+    assert tile_starts(20, 32, 32, "none") == []
+    with pytest.raises(ValueError, match="pad must be one of"):
+        tile_starts(10, 4, 4, "wrap")
+
+
+@pytest.mark.parametrize("pad", ["reflect", "constant", "none"])
+def test_tiles_cover_the_image_and_reassemble(pad):
+    s = _sample()
+    tiles = tile_sample(s, 32, pad=pad)
+    h, w = s.layout.shape
+    img = np.zeros((h + 32, w + 32, 3), np.uint8)
+    inst = np.zeros((h + 32, w + 32), np.int64)
+    seen = np.zeros((h + 32, w + 32), bool)
+    offset = 0
+    for y0, x0, p in tiles:
+        assert p.image.shape == (32, 32, 3) and p.layout.shape == (32, 32)
+        assert p.provenance["y0"] == y0 and p.provenance["x0"] == x0 and p.provenance["size"] == [32, 32]
+        assert p.provenance["tile"] == "slide_7" and p.provenance["source"] == "/data/x/slide_7.png"
+        # Ids contiguous in each patch, classes follow their nuclei.
+        ids = np.unique(p.layout.inst_map)
+        assert np.array_equal(ids[ids > 0], np.arange(1, p.layout.num_nuclei + 1))
+        padded_types = np.pad(s.layout.type_map(), ((0, 32), (0, 32)))
+        assert np.array_equal(p.layout.type_map(), padded_types[y0 : y0 + 32, x0 : x0 + 32])
+        img[y0 : y0 + 32, x0 : x0 + 32] = p.image
+        m = p.layout.inst_map
+        inst[y0 : y0 + 32, x0 : x0 + 32] = np.where(m > 0, m + offset, 0)
+        seen[y0 : y0 + 32, x0 : x0 + 32] = True
+        offset += p.layout.num_nuclei
+    assert seen[:h, :w].all()  # every pixel covered, whatever the policy
+    assert np.array_equal(img[:h, :w], s.image)
+    if pad != "none":
+        # Non-overlapping tiles: the partition into (nucleus, tile) pieces equals the original
+        # nuclei intersected with the tile grid.
+        grid = (np.arange(h)[:, None] // 32) * 100 + np.arange(w)[None, :] // 32
+        pieces = np.where(s.layout.inst_map > 0, s.layout.inst_map * 10000 + grid, 0)
+        assert _same_partition(inst[:h, :w], pieces)
+        # Padded label area is background (no mirrored fake nuclei).
+        assert (inst[h:, :] == 0).all() and (inst[:, w:] == 0).all()
+
+
+def test_reflect_and_constant_padding_values():
+    s = _sample()
+    last = tile_sample(s, 32, pad="constant", fill=200)[-1]
+    y0, x0, p = last
+    h, w = s.layout.shape
+    assert (p.image[h - y0 :, :] == 200).all() and (p.image[:, w - x0 :] == 200).all()
+    y0, x0, p = tile_sample(s, 32, pad="reflect")[-1]
+    ref = np.pad(s.image, ((0, y0 + 32 - h), (0, x0 + 32 - w), (0, 0)), mode="reflect")
+    assert np.array_equal(p.image, ref[y0:, x0:])
+    assert (p.layout.inst_map[h - y0 :, :] == 0).all()
+
+
+def test_nuclei_counts_and_classes_consistent():
+    s = _sample()
+    tiles = tile_sample(s, 32, pad="reflect")
+    # Each nucleus appears in as many tiles as it has visible pieces in the grid; classes kept.
+    expected = {}
+    for i, c in enumerate(s.layout.classes, start=1):
+        ys, xs = np.nonzero(s.layout.inst_map == i)
+        expected[i] = (len(set(zip(ys // 32, xs // 32))), c)
+    total = sum(n for n, _ in expected.values())
+    assert sum(p.layout.num_nuclei for _, _, p in tiles) == total
+    per_class = np.zeros(5, int)
+    for n, c in expected.values():
+        per_class[c] += n
+    assert np.array_equal(sum(p.layout.class_counts() for _, _, p in tiles), per_class)
+    # Cut nuclei keep their visible part with the centroid of the visible pixels.
+    for y0, x0, p in tiles:
+        for j in range(p.layout.num_nuclei):
+            yy, xx = np.nonzero(p.layout.inst_map == j + 1)
+            assert np.allclose(p.layout.centroids[j], [yy.mean(), xx.mean()])
+
+
+def test_overlapping_stride_and_rectangular_size():
+    s = _sample()
+    tiles = tile_sample(s, (40, 30), stride=(20, 15), pad="none")
+    assert {y for y, _, _ in tiles} == {0, 20, 30} and max(x for _, x, _ in tiles) == 60
+    for y0, x0, p in tiles:
+        assert np.array_equal(p.image, s.image[y0 : y0 + 40, x0 : x0 + 30])
+        sub = s.layout.inst_map[y0 : y0 + 40, x0 : x0 + 30]
+        assert _same_partition(p.layout.inst_map, sub)
+
+
+def test_tiling_bad_input():
+    s = _sample()
+    with pytest.raises(ValueError, match="size"):
+        tile_sample(s, 0)
+    with pytest.raises(ValueError, match="stride"):
+        tile_sample(s, 16, stride=(4, 0))
+    with pytest.raises(ValueError, match="pad"):
+        tile_sample(s, 16, pad="mirror")
+    assert tile_sample(s, 128, pad="none") == []
+    # An image smaller than the tile is padded to one full tile.
+    (y0, x0, p), = tile_sample(s, 128, pad="reflect")
+    assert p.layout.shape == (128, 128) and p.layout.num_nuclei == s.layout.num_nuclei
+
+
+def test_rescale_halves_and_keeps_classes():
+    s = _sample((80, 96))
+    s.provenance["magnification"] = 40
+    half = change_magnification(s, 40, 20)
+    assert half.image.shape == (40, 48, 3) and half.layout.shape == (40, 48)
+    assert half.provenance["magnification"] == 20.0 and half.provenance["scale"] == 0.5
+    assert half.layout.num_nuclei == s.layout.num_nuclei
+    assert np.array_equal(half.layout.classes, s.layout.classes)
+    # Labels nearest: areas shrink by about 4; centroids scale (pixel centres at (i+0.5)/f - 0.5).
+    assert np.allclose(half.layout.areas(), s.layout.areas() / 4, rtol=0.35)
+    assert np.allclose(half.layout.centroids, (s.layout.centroids + 0.5) * 0.5 - 0.5, atol=0.8)
+    # Anti-aliased image: the dark nuclei stay dark, the mean colour is kept.
+    assert abs(half.image.mean() - s.image.mean()) < 3
+    assert half.image[half.layout.inst_map > 0].mean() < 100
+    # Upsampling: nearest labels exactly replicate pixels.
+    up = rescale_sample(s, 2.0)
+    assert np.array_equal(up.layout.inst_map[::2, ::2] > 0, s.layout.inst_map > 0)
+    assert np.array_equal(up.layout.classes, s.layout.classes)
+
+
+def test_rescale_drops_vanishing_nuclei_and_relabels():
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:15, 5:15] = 1
+    inst[20, 21] = 2  # a single pixel that a factor of 0.25 does not sample
+    inst[25:35, 25:35] = 3
+    lay = Layout.from_inst_map(inst, [2, 1, 3], CONSEP_CLASSES)
+    s = Sample(lay, np.full((40, 40, 3), 128, np.uint8))
+    small = rescale_sample(s, 0.25)
+    assert small.layout.num_nuclei == 2
+    assert np.array_equal(small.layout.classes, [2, 3])
+    assert set(np.unique(small.layout.inst_map)) == {0, 1, 2}
+    with pytest.raises(ValueError, match="positive"):
+        rescale_sample(s, 0)
