@@ -1,0 +1,589 @@
+"""Layout <-> napari layers, in one place.
+
+A :class:`nucsynth.layout.Layout` is shown as three layers that share a base name:
+
+- ``"<name> instances"``: a Labels layer (int32) with the instance map and a ``features``
+  table (``index`` = nucleus id, ``class`` = class id), drawn as contours;
+- ``"<name> classes"``: a Labels layer with the type map and a fixed
+  ``DirectLabelColormap`` (0 transparent, class k in the ClassSet's colour);
+- ``"<name> centroids"``: a Points layer with features ``id`` (nucleus id) and ``class``
+  (class *name*, so napari colours it categorically from the ClassSet colours).
+
+Every layer carries ``metadata["nucsynth"] = {"role", "layout", "class_set"}`` so that a
+layout can be read back from the layers alone (:func:`layers_to_layout`).
+
+:class:`LayoutLayers` binds the three layers of one layout and keeps them consistent while
+the user edits any of them: painting a new nucleus gives it the selected class, painting
+over the class layer re-classes the nuclei touched, adding a point adds a nucleus (a point
+with no pixels yet), dragging a point moves its nucleus, deleting a point deletes its
+nucleus, erasing a nucleus' last pixel deletes it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+from psygnal import Signal
+
+from nucsynth.layout import ClassSet, Layout, Sample
+
+__all__ = [
+    "ROLES",
+    "UNKNOWN",
+    "layer_names",
+    "class_colormap",
+    "class_colour_cycle",
+    "layout_to_layers",
+    "sample_to_layers",
+    "layers_to_layout",
+    "find_layout_names",
+    "LayoutLayers",
+]
+
+META = "nucsynth"
+ROLES = ("instances", "classes", "centroids")
+UNKNOWN = "unknown"  # name shown for class 0 (unknown / any class)
+_UNKNOWN_RGBA = (0.6, 0.6, 0.6, 1.0)
+LayerDataTuple = tuple[Any, dict[str, Any], str]
+
+
+def layer_names(name: str) -> dict[str, str]:
+    """The stable layer names of the layout called ``name``, by role."""
+    return {role: f"{name} {role}" for role in ROLES}
+
+
+def _meta(role: str, name: str, class_set: ClassSet) -> dict[str, Any]:
+    return {META: {"role": role, "layout": name, "class_set": class_set.to_dict()}}
+
+
+def class_names(class_set: ClassSet) -> list[str]:
+    """Class names indexed by class id (index 0 is :data:`UNKNOWN`)."""
+    return [UNKNOWN, *class_set.names]
+
+
+def class_colormap(class_set: ClassSet) -> Any:
+    """A DirectLabelColormap: 0 transparent, class k in its ClassSet colour, others grey."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours: dict[int | None, Any] = {0: np.zeros(4), None: np.array(_UNKNOWN_RGBA)}
+    for k, rgb in enumerate(class_set.colours, start=1):
+        colours[k] = np.array([*(c / 255 for c in rgb), 1.0])
+    return DirectLabelColormap(color_dict=colours)
+
+
+def class_colour_cycle(class_set: ClassSet) -> dict[str, tuple[float, ...]]:
+    """Class name -> RGBA, the categorical colour map of the centroid Points layer."""
+    cycle = {UNKNOWN: _UNKNOWN_RGBA}
+    for n, rgb in zip(class_set.names, class_set.colours):
+        cycle[n] = (*(c / 255 for c in rgb), 1.0)
+    return cycle
+
+
+def _instance_features(ids: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"index": np.asarray(ids, np.int64), "class": np.asarray(classes, np.int64)})
+
+
+def _point_features(ids: np.ndarray, classes: np.ndarray, class_set: ClassSet) -> pd.DataFrame:
+    names = class_names(class_set)
+    return pd.DataFrame(
+        {
+            "id": np.asarray(ids, np.int64),
+            "class": pd.Categorical([names[int(c)] for c in classes], categories=names),
+        }
+    )
+
+
+def layout_to_layers(layout: Layout, name: str = "layout", selected_class: int = 1) -> list[LayerDataTuple]:
+    """The three LayerData tuples (instances, classes, centroids) of ``layout``.
+
+    Nucleus ids are ``1..N`` as in the Layout; ``selected_class`` is the class new points
+    get (the centroid layer's ``feature_defaults``).
+    """
+    cs = layout.class_set
+    names = layer_names(name)
+    ids = np.arange(1, layout.num_nuclei + 1)
+    inst_kwargs = {
+        "name": names["instances"],
+        "features": _instance_features(ids, layout.classes),
+        "metadata": _meta("instances", name, cs),
+        "opacity": 0.9,
+    }
+    cls_kwargs = {
+        "name": names["classes"],
+        "colormap": class_colormap(cs),
+        "metadata": _meta("classes", name, cs),
+        "opacity": 0.5,
+    }
+    pt_kwargs = {
+        "name": names["centroids"],
+        "features": _point_features(ids, layout.classes, cs),
+        "feature_defaults": {"id": 0, "class": class_names(cs)[selected_class]},
+        "face_color": "class",
+        "face_color_cycle": class_colour_cycle(cs),
+        "border_color": "white",
+        "border_width": 0.1,
+        "size": max(3.0, min(layout.shape) / 64),
+        "metadata": _meta("centroids", name, cs),
+    }
+    return [
+        (layout.inst_map.copy(), inst_kwargs, "labels"),
+        (layout.type_map(), cls_kwargs, "labels"),
+        (layout.centroids.copy(), pt_kwargs, "points"),
+    ]
+
+
+def sample_to_layers(sample: Sample, name: str = "sample") -> list[LayerDataTuple]:
+    """An image layer ``"<name> image"`` followed by the layout's three layers."""
+    img_kwargs = {"name": f"{name} image", "rgb": True, "metadata": {META: {"role": "image", "layout": name,
+                  "provenance": _jsonable(sample.provenance)}}}
+    return [(sample.image, img_kwargs, "image"), *layout_to_layers(sample.layout, name)]
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out[str(k)] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+    return out
+
+
+# ---------------------------------------------------------------------- reading back
+def _class_set_of(layer: Any) -> ClassSet | None:
+    meta = getattr(layer, "metadata", {}).get(META)
+    return ClassSet.from_dict(meta["class_set"]) if meta and "class_set" in meta else None
+
+
+def _class_ids_of_points(points: Any, class_set: ClassSet) -> np.ndarray:
+    """Class ids of the centroid points (the ``class`` feature holds names or ids)."""
+    if "class" not in points.features or len(points.data) == 0:
+        return np.zeros(len(points.data), np.int64)
+    lookup = {n: k for k, n in enumerate(class_names(class_set))}
+    out = []
+    for v in points.features["class"]:
+        if isinstance(v, str):
+            if v not in lookup:
+                raise ValueError(f"point class {v!r} is not in the class set {list(class_set.names)}")
+            out.append(lookup[v])
+        else:
+            out.append(int(v))
+    return np.asarray(out, np.int64)
+
+
+def _pixel_stats(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids present in ``inst`` (sorted, > 0) and their centres of mass (y, x)."""
+    flat = inst.ravel().astype(np.int64)
+    n = int(flat.max()) if flat.size else 0
+    count = np.bincount(flat, minlength=n + 1)
+    ys, xs = np.indices(inst.shape, dtype=np.float64)
+    sy = np.bincount(flat, weights=ys.ravel(), minlength=n + 1)
+    sx = np.bincount(flat, weights=xs.ravel(), minlength=n + 1)
+    ids = np.flatnonzero(count)
+    ids = ids[ids > 0]
+    cen = np.stack([sy[ids] / count[ids], sx[ids] / count[ids]], axis=1) if ids.size else np.zeros((0, 2))
+    return ids, cen
+
+
+def layers_to_layout(instances: Any, centroids: Any | None = None, class_set: ClassSet | None = None) -> Layout:
+    """Read a Layout back from an instance Labels layer and (optionally) its centroid Points.
+
+    Classes come from the instance layer's ``features`` (``index``, ``class``), else from
+    the points' ``class`` feature, else 0 (unknown). Nuclei with pixels get ids 1..M in
+    increasing order of their layer id and their centre of mass as centroid; points with no
+    pixels (a point layout) follow as ids M+1.. with the point as centroid.
+    """
+    class_set = class_set or _class_set_of(instances) or (centroids is not None and _class_set_of(centroids)) or None
+    if class_set is None:
+        raise ValueError(
+            f"layer {instances.name!r} carries no class set (metadata['nucsynth']['class_set']); "
+            "pass class_set= explicitly"
+        )
+    inst = np.asarray(instances.data)
+    if inst.ndim != 2:
+        raise ValueError(f"layer {instances.name!r} must be 2D (H, W), got shape {inst.shape}")
+    if inst.size and inst.min() < 0:
+        raise ValueError(f"layer {instances.name!r} holds negative labels; nucleus ids must be >= 0")
+    cls_of: dict[int, int] = {}
+    pt_ids = np.zeros(0, np.int64)
+    pt_pos = np.zeros((0, 2))
+    if centroids is not None and len(centroids.data):
+        pt_pos = np.asarray(centroids.data, np.float64)[:, -2:]
+        pt_cls = _class_ids_of_points(centroids, class_set)
+        pt_ids = (np.asarray(centroids.features["id"], np.int64) if "id" in centroids.features
+                  else np.zeros(len(pt_pos), np.int64))
+        cls_of.update({int(i): int(c) for i, c in zip(pt_ids, pt_cls) if i > 0})
+    feats = instances.features
+    if "class" in feats and "index" in feats:
+        cls_of.update({int(i): int(c) for i, c in zip(feats["index"], feats["class"])})
+    ids, cen = _pixel_stats(inst)
+    lut = np.zeros(int(inst.max()) + 1 if inst.size else 1, np.int32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    classes = [cls_of.get(int(i), 0) for i in ids]
+    cents = [cen]
+    present = set(ids.tolist())
+    extra = [(p, i) for p, i in zip(pt_pos, pt_ids) if int(i) not in present]
+    for p, i in extra:
+        classes.append(cls_of.get(int(i), 0) if i > 0 else 0)
+        cents.append(p[None])
+    h, w = inst.shape
+    allc = np.concatenate(cents) if cents else np.zeros((0, 2))
+    allc[:, 0] = allc[:, 0].clip(-0.5, h - 0.5)  # a point dropped on the canvas edge stays valid
+    allc[:, 1] = allc[:, 1].clip(-0.5, w - 0.5)
+    return Layout(lut[inst], np.asarray(classes, np.int64), allc, class_set)
+
+
+def find_layout_names(layers: Iterable[Any]) -> list[str]:
+    """Base names of the layouts whose instance layer is among ``layers``."""
+    out = []
+    for layer in layers:
+        meta = getattr(layer, "metadata", {}).get(META)
+        if meta and meta.get("role") == "instances" and meta.get("layout") not in out:
+            out.append(meta["layout"])
+    return out
+
+
+# ---------------------------------------------------------------------- live binding
+_BOUND: "weakref.WeakKeyDictionary[Any, LayoutLayers]" = weakref.WeakKeyDictionary()
+
+
+class LayoutLayers:
+    """The three layers of one layout in a viewer, kept consistent while the user edits.
+
+    Build it with :meth:`show` (adds or updates the layers) or :meth:`attach` (binds layers
+    already in the viewer, e.g. opened by the reader). The model is a table of nuclei keyed
+    by their layer id: class, centroid, and whether the nucleus has pixels.
+    """
+
+    changed = Signal()  # emitted after any edit (counts, classes, positions)
+
+    def __init__(self, viewer: Any, name: str, class_set: ClassSet) -> None:
+        self.viewer = viewer
+        self.name = name
+        self.class_set = class_set
+        self._selected_class = 1
+        self._updating = False
+        self._dragging = False
+        self._pending_move = False
+        self._pending_classes = False
+        names = layer_names(name)
+        self.instances = viewer.layers[names["instances"]]
+        self.classes = viewer.layers[names["classes"]]
+        self.centroids = viewer.layers[names["centroids"]]
+        self._load_model()
+        self.instances.events.paint.connect(self._on_instances_edit)
+        self.instances.events.data.connect(self._on_instances_edit)
+        self.instances.events.set_data.connect(self._on_instances_edit)  # undo / redo
+        self.classes.events.paint.connect(self._on_classes_edit)
+        self.classes.events.labels_update.connect(self._on_classes_written)
+        self.centroids.events.data.connect(self._on_points_edit)
+        self.centroids.mouse_drag_callbacks.append(self._drag_guard)
+        _BOUND[self.instances] = self
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def show(cls, viewer: Any, layout: Layout, name: str = "layout", selected_class: int = 1) -> "LayoutLayers":
+        """Show ``layout`` as the layers called ``name``: update them if present, else add."""
+        names = layer_names(name)
+        existing = [n for n in names.values() if n in viewer.layers]
+        if len(existing) == 3:
+            ctrl = cls.attach(viewer, name)
+            if ctrl.class_set != layout.class_set:
+                ctrl = cls._rebuild(viewer, layout, name, selected_class)
+            else:
+                ctrl.set_layout(layout)
+            ctrl.selected_class = selected_class
+            return ctrl
+        for n in existing:  # a partial set (the user deleted one): rebuild all three
+            viewer.layers.remove(n)
+        return cls._rebuild(viewer, layout, name, selected_class)
+
+    @classmethod
+    def _rebuild(cls, viewer: Any, layout: Layout, name: str, selected_class: int) -> "LayoutLayers":
+        for n in layer_names(name).values():
+            if n in viewer.layers:
+                viewer.layers.remove(n)
+        for data, kwargs, kind in layout_to_layers(layout, name, selected_class):
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+        viewer.layers[layer_names(name)["instances"]].contour = 1
+        ctrl = cls(viewer, name, layout.class_set)
+        ctrl.selected_class = selected_class
+        return ctrl
+
+    @classmethod
+    def attach(cls, viewer: Any, name: str) -> "LayoutLayers":
+        """The controller of the layers called ``name`` (created on first use)."""
+        names = layer_names(name)
+        missing = [n for n in names.values() if n not in viewer.layers]
+        if missing:
+            raise ValueError(f"layout {name!r}: layers {missing} are not in the viewer")
+        inst = viewer.layers[names["instances"]]
+        if inst in _BOUND and _BOUND[inst].viewer is viewer:
+            return _BOUND[inst]
+        cs = _class_set_of(inst)
+        if cs is None:
+            raise ValueError(f"layer {inst.name!r} carries no nucsynth class set in its metadata")
+        return cls(viewer, name, cs)
+
+    # ------------------------------------------------------------------ model
+    def _load_model(self) -> None:
+        lay = layers_to_layout(self.instances, self.centroids, self.class_set)
+        self._write(lay)
+
+    def _write(self, layout: Layout) -> None:
+        """Make the three layers show ``layout`` exactly (ids 1..N)."""
+        n = layout.num_nuclei
+        self._cls = {i + 1: int(c) for i, c in enumerate(layout.classes)}
+        self._pos = {i + 1: layout.centroids[i].copy() for i in range(n)}
+        areas = layout.areas()
+        self._has_pixels = {i + 1 for i in range(n) if areas[i] > 0}
+        self._updating = True
+        try:
+            self.instances.data = layout.inst_map.copy()
+            self._last_inst = layout.inst_map.copy()
+        finally:
+            self._updating = False
+        self._publish(classes_map=True)
+
+    def _next_id(self) -> int:
+        used = max(self._cls, default=0)
+        return max(used, int(self._last_inst.max()) if self._last_inst.size else 0) + 1
+
+    def _publish(self, classes_map: bool = True) -> None:
+        """Push the model to the features tables, the class layer and the points."""
+        ids = np.array(sorted(self._cls), np.int64)
+        cls = np.array([self._cls[i] for i in ids], np.int64)
+        pos = np.array([self._pos[i] for i in ids]).reshape(-1, 2)
+        self._updating = True
+        try:
+            self.instances.features = _instance_features(ids, cls)
+            if classes_map:
+                lut = np.zeros(int(max(ids.max(initial=0), self._last_inst.max(initial=0))) + 1, np.int32)
+                lut[ids] = cls
+                self.classes.data = lut[self._last_inst]
+            self.centroids.data = pos
+            self.centroids.features = _point_features(ids, cls, self.class_set)
+            self._set_point_defaults()
+            self.centroids.refresh_colors()
+        finally:
+            self._updating = False
+        self.changed.emit()
+
+    def _set_point_defaults(self) -> None:
+        self.centroids.feature_defaults = {"id": 0, "class": class_names(self.class_set)[self._selected_class]}
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def selected_class(self) -> int:
+        """The class new nuclei and new points get (1..K, or 0 for unknown)."""
+        return self._selected_class
+
+    @selected_class.setter
+    def selected_class(self, k: int) -> None:
+        if not 0 <= int(k) <= self.class_set.num_classes:
+            raise ValueError(f"class {k} is outside 0..{self.class_set.num_classes} of {self.class_set.name!r}")
+        self._selected_class = int(k)
+        self._updating = True
+        try:
+            self._set_point_defaults()
+            self.centroids.current_face_color = class_colour_cycle(self.class_set)[class_names(self.class_set)[int(k)]]
+            if k > 0:
+                self.classes.selected_label = int(k)
+        finally:
+            self._updating = False
+
+    def new_nucleus_label(self) -> int:
+        """Select a fresh id on the instance layer (the next stroke paints a new nucleus)."""
+        nid = self._next_id()
+        self.instances.selected_label = nid
+        return nid
+
+    def layout(self) -> Layout:
+        """The current Layout (ids relabelled 1..N)."""
+        return layers_to_layout(self.instances, self.centroids, self.class_set)
+
+    def set_layout(self, layout: Layout) -> None:
+        """Replace the shown layout (same layers, new data)."""
+        if layout.class_set != self.class_set:
+            raise ValueError(
+                f"layout has class set {layout.class_set.name!r}, layers show {self.class_set.name!r}"
+            )
+        self._write(layout)
+
+    def class_counts(self) -> np.ndarray:
+        """Nuclei per class (index 0 = unknown) in the current layout."""
+        cls = np.fromiter(self._cls.values(), np.int64, len(self._cls))
+        return np.bincount(cls, minlength=self.class_set.num_classes + 1)
+
+    def set_class(self, ids: Iterable[int], k: int) -> None:
+        """Give nuclei ``ids`` (layer ids) class ``k``."""
+        if not 0 <= int(k) <= self.class_set.num_classes:
+            raise ValueError(f"class {k} is outside 0..{self.class_set.num_classes}")
+        for i in ids:
+            if int(i) not in self._cls:
+                raise ValueError(f"no nucleus with id {i} in layout {self.name!r}")
+            self._cls[int(i)] = int(k)
+        self._publish()
+
+    def selected_point_ids(self) -> list[int]:
+        """Layer ids of the nuclei whose centroid points are selected."""
+        idx = sorted(self.centroids.selected_data)
+        return [int(self.centroids.features["id"].iloc[i]) for i in idx]
+
+    # ------------------------------------------------------------------ event handlers
+    def _on_instances_edit(self, event: Any = None) -> None:
+        if self._updating:
+            return
+        inst = _after_paint(self.instances.data, event)
+        if inst.shape == self._last_inst.shape and np.array_equal(inst, self._last_inst):
+            return
+        ids, cen = _pixel_stats(inst)
+        present = set(ids.tolist())
+        for i in list(self._has_pixels - present):  # erased to the last pixel: delete
+            self._has_pixels.discard(i)
+            self._cls.pop(i, None)
+            self._pos.pop(i, None)
+        for i, c in zip(ids.tolist(), cen):
+            if i not in self._cls:
+                self._cls[i] = self._selected_class
+            self._has_pixels.add(i)
+            self._pos[i] = c
+        self._last_inst = inst.copy()
+        self._publish()
+
+    def _on_classes_edit(self, event: Any = None) -> None:
+        """Painting class k over nuclei re-classes them; paint off nuclei is undone."""
+        if self._updating:
+            return
+        painted = _after_paint(self.classes.data, event)
+        if not np.array_equal(painted, np.asarray(self.classes.data)):
+            # a programmatic paint announces itself before writing: act once it is written
+            self._pending_classes = True
+            return
+        ids = np.array(sorted(self._cls), np.int64)
+        lut = np.zeros(int(max(ids.max(initial=0), self._last_inst.max(initial=0))) + 1, np.int64)
+        lut[ids] = [self._cls[i] for i in ids]
+        expected = lut[self._last_inst]
+        diff = (painted != expected) & (self._last_inst > 0)
+        if diff.any():
+            touched = self._last_inst[diff]
+            values = painted[diff]
+            for i in np.unique(touched):
+                vals = values[touched == i]
+                self._cls[int(i)] = int(np.bincount(vals).argmax())  # the majority of the stroke
+        self._publish(classes_map=True)
+
+    def _on_classes_written(self, event: Any = None) -> None:
+        if self._pending_classes and not self._updating:
+            self._pending_classes = False
+            self._on_classes_edit()
+
+    def _drag_guard(self, layer: Any, event: Any):
+        """Defer nucleus moves until the mouse is released (one move per drag)."""
+        self._dragging = True
+        yield
+        while event.type == "mouse_move":
+            yield
+        self._dragging = False
+        if self._pending_move:
+            self._pending_move = False
+            self._reconcile_points()
+
+    def _on_points_edit(self, event: Any) -> None:
+        if self._updating:
+            return
+        action = str(getattr(event, "action", "changed"))
+        if action.endswith("ing"):  # adding / removing / changing: wait for the result
+            return
+        if action == "changed" and self._dragging:
+            self._pending_move = True
+            return
+        self._reconcile_points()
+
+    def _reconcile_points(self) -> None:
+        """Bring the model in line with the points: new, deleted and moved nuclei."""
+        pts = np.asarray(self.centroids.data, np.float64).reshape(-1, 2)
+        feats = self.centroids.features
+        pid = np.asarray(feats["id"], np.int64) if "id" in feats else np.zeros(len(pts), np.int64)
+        pcls = _class_ids_of_points(self.centroids, self.class_set)
+        seen: set[int] = set()
+        inst = np.asarray(self.instances.data).copy()
+        inst_changed = False
+        targets: dict[int, np.ndarray] = {}
+        h, w = inst.shape
+        for p, i, c in zip(pts, pid.tolist(), pcls.tolist()):
+            p = np.array([np.clip(p[0], -0.5, h - 0.5), np.clip(p[1], -0.5, w - 0.5)])
+            if i <= 0 or i not in self._cls or i in seen:  # a new point: a nucleus with no pixels
+                i = self._next_id()
+                self._cls[i] = c
+                self._pos[i] = p
+            elif not np.allclose(p, self._pos[i]):
+                if i in self._has_pixels:
+                    inst_changed |= _move_nucleus(inst, i, p - self._pos[i])
+                    targets[i] = p
+                else:
+                    self._pos[i] = p
+            seen.add(i)
+        for i in list(set(self._cls) - seen):  # deleted points delete their nuclei
+            if i in self._has_pixels:
+                inst[inst == i] = 0
+                inst_changed = True
+            self._cls.pop(i)
+            self._pos.pop(i)
+            self._has_pixels.discard(i)
+        if inst_changed:
+            self._updating = True
+            try:
+                self.instances.data = inst
+            finally:
+                self._updating = False
+            ids, cen = _pixel_stats(inst)
+            for i, c in zip(ids.tolist(), cen):
+                self._pos[i] = c
+            self._has_pixels = set(ids.tolist()) & set(self._cls)
+            for i, p in targets.items():  # moved wholly off the canvas / under others: a point
+                if i not in self._has_pixels:
+                    self._pos[i] = p
+            self._last_inst = inst.copy()
+        self._publish()
+
+
+def _after_paint(data: Any, event: Any) -> np.ndarray:
+    """The labels after a paint event.
+
+    napari emits ``paint`` before writing a programmatic edit and after a mouse stroke, so
+    the event's history atoms are replayed forward on a copy (idempotent either way).
+    """
+    arr = np.asarray(data)
+    atoms = getattr(event, "value", None) if getattr(event, "type", "") == "paint" else None
+    if not atoms:
+        return arr
+    out = arr.copy()
+    for atom in atoms:
+        if hasattr(atom, "slice_key"):  # a mask-based atom (paint, fill, polygon)
+            region = out[atom.slice_key]
+            if atom.mask is None:
+                region[...] = atom.new_value
+            else:
+                region[atom.mask] = atom.new_value
+        else:  # the (indices, old_values, new_values) form of data_setitem
+            indices, _, new = atom
+            out[indices] = new
+    return out
+
+
+def _move_nucleus(inst: np.ndarray, nid: int, shift: np.ndarray) -> bool:
+    """Translate nucleus ``nid`` by ``shift`` (rounded) in place; pixels that would land
+    off the canvas or on another nucleus are dropped. Returns whether anything changed."""
+    dy, dx = (int(v) for v in np.rint(shift))
+    if dy == 0 and dx == 0:
+        return False
+    yy, xx = np.nonzero(inst == nid)
+    ny, nx = yy + dy, xx + dx
+    h, w = inst.shape
+    inst[yy, xx] = 0
+    ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    ny, nx = ny[ok], nx[ok]
+    free = inst[ny, nx] == 0
+    inst[ny[free], nx[free]] = nid
+    return True
