@@ -39,6 +39,10 @@ __all__ = [
     "layout_to_layers",
     "sample_to_layers",
     "layers_to_layout",
+    "layout_from_parts",
+    "class_set_of",
+    "role_of",
+    "adopt_renamed",
     "find_layout_names",
     "LayoutLayers",
 ]
@@ -150,18 +154,19 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- reading back
-def _class_set_of(layer: Any) -> ClassSet | None:
-    meta = getattr(layer, "metadata", {}).get(META)
+def class_set_of(layer: Any) -> ClassSet | None:
+    """The ClassSet a nucsynth layer (or a layer's metadata dict) carries, or None."""
+    meta = (layer if isinstance(layer, dict) else getattr(layer, "metadata", {})).get(META)
     return ClassSet.from_dict(meta["class_set"]) if meta and "class_set" in meta else None
 
 
-def _class_ids_of_points(points: Any, class_set: ClassSet) -> np.ndarray:
-    """Class ids of the centroid points (the ``class`` feature holds names or ids)."""
-    if "class" not in points.features or len(points.data) == 0:
-        return np.zeros(len(points.data), np.int64)
-    lookup = {n: k for k, n in enumerate(class_names(class_set))}
+def _class_ids(values: Any, n: int, class_set: ClassSet) -> np.ndarray:
+    """Class ids from a ``class`` feature column holding class names or ids."""
+    if values is None or n == 0:
+        return np.zeros(n, np.int64)
+    lookup = {name: k for k, name in enumerate(class_names(class_set))}
     out = []
-    for v in points.features["class"]:
+    for v in values:
         if isinstance(v, str):
             if v not in lookup:
                 raise ValueError(f"point class {v!r} is not in the class set {list(class_set.names)}")
@@ -169,6 +174,11 @@ def _class_ids_of_points(points: Any, class_set: ClassSet) -> np.ndarray:
         else:
             out.append(int(v))
     return np.asarray(out, np.int64)
+
+
+def _class_ids_of_points(points: Any, class_set: ClassSet) -> np.ndarray:
+    """Class ids of the centroid points."""
+    return _class_ids(points.features.get("class"), len(points.data), class_set)
 
 
 def _pixel_stats(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,27 +203,49 @@ def layers_to_layout(instances: Any, centroids: Any | None = None, class_set: Cl
     increasing order of their layer id and their centre of mass as centroid; points with no
     pixels (a point layout) follow as ids M+1.. with the point as centroid.
     """
-    class_set = class_set or _class_set_of(instances) or (centroids is not None and _class_set_of(centroids)) or None
+    class_set = class_set or class_set_of(instances) or (class_set_of(centroids) if centroids is not None else None)
     if class_set is None:
         raise ValueError(
             f"layer {instances.name!r} carries no class set (metadata['nucsynth']['class_set']); "
             "pass class_set= explicitly"
         )
-    inst = np.asarray(instances.data)
+    return layout_from_parts(
+        np.asarray(instances.data),
+        instances.features,
+        None if centroids is None else np.asarray(centroids.data),
+        None if centroids is None else centroids.features,
+        class_set,
+        what=f"layer {instances.name!r}",
+    )
+
+
+def layout_from_parts(
+    inst: np.ndarray,
+    inst_features: Any,
+    points: np.ndarray | None,
+    point_features: Any,
+    class_set: ClassSet,
+    what: str = "labels",
+) -> Layout:
+    """The Layout held by layer data: an instance map with its features table and optional
+    centroid points with theirs (see :func:`layers_to_layout`)."""
+    inst = np.asarray(inst)
     if inst.ndim != 2:
-        raise ValueError(f"layer {instances.name!r} must be 2D (H, W), got shape {inst.shape}")
+        raise ValueError(f"{what} must be 2D (H, W), got shape {inst.shape}")
+    if inst.dtype.kind not in "iub":
+        raise ValueError(f"{what} must hold integer labels, got dtype {inst.dtype}")
     if inst.size and inst.min() < 0:
-        raise ValueError(f"layer {instances.name!r} holds negative labels; nucleus ids must be >= 0")
+        raise ValueError(f"{what} holds negative labels; nucleus ids must be >= 0")
     cls_of: dict[int, int] = {}
     pt_ids = np.zeros(0, np.int64)
     pt_pos = np.zeros((0, 2))
-    if centroids is not None and len(centroids.data):
-        pt_pos = np.asarray(centroids.data, np.float64)[:, -2:]
-        pt_cls = _class_ids_of_points(centroids, class_set)
-        pt_ids = (np.asarray(centroids.features["id"], np.int64) if "id" in centroids.features
-                  else np.zeros(len(pt_pos), np.int64))
+    if points is not None and len(points):
+        pt_pos = np.asarray(points, np.float64)[:, -2:]
+        feats = pd.DataFrame(point_features) if point_features is not None else pd.DataFrame()
+        pt_cls = _class_ids(feats.get("class"), len(pt_pos), class_set)
+        pt_ids = np.asarray(feats["id"], np.int64) if "id" in feats else np.zeros(len(pt_pos), np.int64)
         cls_of.update({int(i): int(c) for i, c in zip(pt_ids, pt_cls) if i > 0})
-    feats = instances.features
+    feats = pd.DataFrame(inst_features) if inst_features is not None else pd.DataFrame()
     if "class" in feats and "index" in feats:
         cls_of.update({int(i): int(c) for i, c in zip(feats["index"], feats["class"])})
     ids, cen = _pixel_stats(inst)
@@ -222,12 +254,12 @@ def layers_to_layout(instances: Any, centroids: Any | None = None, class_set: Cl
     classes = [cls_of.get(int(i), 0) for i in ids]
     cents = [cen]
     present = set(ids.tolist())
-    extra = [(p, i) for p, i in zip(pt_pos, pt_ids) if int(i) not in present]
-    for p, i in extra:
-        classes.append(cls_of.get(int(i), 0) if i > 0 else 0)
-        cents.append(p[None])
+    for p, i in zip(pt_pos, pt_ids):
+        if int(i) not in present:
+            classes.append(cls_of.get(int(i), 0) if i > 0 else 0)
+            cents.append(p[None])
     h, w = inst.shape
-    allc = np.concatenate(cents) if cents else np.zeros((0, 2))
+    allc = np.concatenate(cents)
     allc[:, 0] = allc[:, 0].clip(-0.5, h - 0.5)  # a point dropped on the canvas edge stays valid
     allc[:, 1] = allc[:, 1].clip(-0.5, w - 0.5)
     return Layout(lut[inst], np.asarray(classes, np.int64), allc, class_set)
@@ -241,6 +273,32 @@ def find_layout_names(layers: Iterable[Any]) -> list[str]:
         if meta and meta.get("role") == "instances" and meta.get("layout") not in out:
             out.append(meta["layout"])
     return out
+
+
+def role_of(layer: Any) -> str | None:
+    """The nucsynth role of a layer ("instances", "classes", "centroids", "image"), or None."""
+    meta = (layer if isinstance(layer, dict) else getattr(layer, "metadata", {})).get(META)
+    return meta.get("role") if isinstance(meta, dict) else None
+
+
+def adopt_renamed(layer: Any) -> None:
+    """Keep a layout's layer names stable when napari de-duplicated them on insertion.
+
+    napari names a second "x instances" "x instances [1]"; that layer (and its siblings)
+    becomes the layout "x [1]", named "x [1] instances".
+    """
+    meta = getattr(layer, "metadata", {}).get(META)
+    if not isinstance(meta, dict) or meta.get("role") not in (*ROLES, "image"):
+        return
+    role, base = meta["role"], meta.get("layout", "")
+    expected = f"{base} {role}"
+    prefix = expected + " "
+    if layer.name == expected or not layer.name.startswith(prefix):
+        return
+    suffix = layer.name[len(prefix):]
+    new_base = f"{base} {suffix}"
+    layer.metadata = {**layer.metadata, META: {**meta, "layout": new_base}}
+    layer.name = f"{new_base} {role}"
 
 
 # ---------------------------------------------------------------------- live binding
@@ -320,7 +378,7 @@ class LayoutLayers:
         inst = viewer.layers[names["instances"]]
         if inst in _BOUND and _BOUND[inst].viewer is viewer:
             return _BOUND[inst]
-        cs = _class_set_of(inst)
+        cs = class_set_of(inst)
         if cs is None:
             raise ValueError(f"layer {inst.name!r} carries no nucsynth class set in its metadata")
         return cls(viewer, name, cs)

@@ -1,0 +1,144 @@
+"""Plugin reader, writers, sample data and manifest (no Qt needed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari.components import ViewerModel  # noqa: E402
+
+from napari_nucsynth._layers import LayoutLayers, layer_names, layers_to_layout  # noqa: E402
+from napari_nucsynth._reader import format_of, get_reader  # noqa: E402
+from napari_nucsynth._sample_data import procedural_tissue  # noqa: E402
+from napari_nucsynth._writer import write_geojson, write_store  # noqa: E402
+from nucsynth.layout import CONSEP_CLASSES  # noqa: E402
+
+
+def _add(viewer: ViewerModel, tuples) -> None:
+    for data, kwargs, kind in tuples:
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+
+
+def _full(viewer: ViewerModel, names: list[str]):
+    """The (data, attributes, type) triples napari hands a writer."""
+    return [(viewer.layers[n].data, viewer.layers[n]._get_state(), viewer.layers[n]._type_string) for n in names]
+
+
+@pytest.fixture
+def viewer_with_sample() -> ViewerModel:
+    viewer = ViewerModel()
+    _add(viewer, procedural_tissue())
+    return viewer
+
+
+def test_sample_data_is_an_image_and_a_layout(viewer_with_sample: ViewerModel) -> None:
+    names = [ly.name for ly in viewer_with_sample.layers]
+    assert names == ["procedural image", *layer_names("procedural").values()]
+    lay = layers_to_layout(viewer_with_sample.layers["procedural instances"], viewer_with_sample.layers["procedural centroids"])
+    assert lay.num_nuclei > 10 and lay.class_set == CONSEP_CLASSES
+    assert set(np.unique(lay.classes)) <= {1, 2, 3, 4}
+
+
+def test_store_round_trip_keeps_classes_and_colours(viewer_with_sample: ViewerModel, tmp_path: Path) -> None:
+    v = viewer_with_sample
+    ctrl = LayoutLayers.attach(v, "procedural")
+    ctrl.set_class([1, 2], 1)  # make the rare class present
+    before = ctrl.layout()
+    out = tmp_path / "one.zarr"
+    assert write_store(str(out), _full(v, ["procedural image", *layer_names("procedural").values()])) == [str(out)]
+    assert format_of(out) == "store"
+    reader = get_reader(str(out))
+    assert reader is not None
+    v2 = ViewerModel()
+    _add(v2, reader(str(out)))
+    back = layers_to_layout(v2.layers["one instances"], v2.layers["one centroids"])
+    assert back.equals(before)
+    assert np.array_equal(v2.layers["one image"].data, v.layers["procedural image"].data)
+    for k in range(1, 5):
+        assert np.allclose(v2.layers["one classes"].colormap.map(np.array([k])),
+                           v.layers["procedural classes"].colormap.map(np.array([k])))
+    # saving again replaces the store; a folder that is not a store is never replaced
+    write_store(str(out), _full(v, ["procedural image", "procedural instances"]))
+    other = tmp_path / "mine"
+    other.mkdir()
+    with pytest.raises(FileExistsError, match="not a NucSynth dataset store"):
+        write_store(str(other), _full(v, ["procedural image", "procedural instances"]))
+
+
+def test_store_writer_needs_an_image(viewer_with_sample: ViewerModel, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="select the layout's image layer"):
+        write_store(str(tmp_path / "x.zarr"), _full(viewer_with_sample, ["procedural instances"]))
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_multi_patch_store_opens_as_stacks(tmp_path: Path) -> None:
+    from nucsynth.generate.tissue import procedural_sample
+    from nucsynth.io.store import DatasetStore
+
+    store = DatasetStore.create(tmp_path / "s.zarr", CONSEP_CLASSES)
+    samples = [procedural_sample((64, 64), seed=s) for s in range(3)]
+    store.append(samples)
+    v = ViewerModel()
+    _add(v, get_reader(str(tmp_path / "s.zarr"))(str(tmp_path / "s.zarr")))
+    assert v.layers["s images"].data.shape == (3, 64, 64, 3)
+    cls = np.asarray(v.layers["s classes"].data[2])
+    assert np.array_equal(cls, samples[2].layout.type_map())
+
+
+def test_geojson_round_trip_keeps_classes(viewer_with_sample: ViewerModel, tmp_path: Path) -> None:
+    v = viewer_with_sample
+    before = layers_to_layout(v.layers["procedural instances"], v.layers["procedural centroids"])
+    out = tmp_path / "cells.geojson"
+    write_geojson(str(out), _full(v, list(layer_names("procedural").values())))
+    assert format_of(out) == "geojson"
+    v2 = ViewerModel()
+    _add(v2, get_reader(str(out))(str(out)))
+    back = layers_to_layout(v2.layers["cells instances"], v2.layers["cells centroids"])
+    assert back.num_nuclei == before.num_nuclei
+    assert np.array_equal(np.sort(back.classes), np.sort(before.classes))
+    # polygons are rasterised back: nearly the same pixels per class
+    agree = (back.type_map() == before.type_map()).mean()
+    assert agree > 0.97
+
+
+def test_reader_declines_foreign_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.xml").write_text("<html></html>")
+    (tmp_path / "a.json").write_text('{"a": 1}')
+    (tmp_path / "plain").mkdir()
+    for p in ("notes.xml", "a.json", "plain", "x.png"):
+        assert get_reader(str(tmp_path / p)) is None
+
+
+@pytest.mark.realdata
+def test_reader_opens_consep_mat(consep_dir: Path) -> None:
+    mat = sorted((consep_dir / "Labels").glob("*.mat"))[0]
+    v = ViewerModel()
+    _add(v, get_reader(str(mat))(str(mat)))
+    assert v.layers[f"{mat.stem} image"].data.shape[:2] == v.layers[f"{mat.stem} instances"].data.shape
+    lay = layers_to_layout(v.layers[f"{mat.stem} instances"], v.layers[f"{mat.stem} centroids"])
+    assert lay.class_set.name == "consep4" and lay.num_nuclei > 0
+
+
+@pytest.mark.realdata
+def test_reader_opens_monuseg_xml(monuseg_dir: Path) -> None:
+    xml = sorted((monuseg_dir / "Annotations").glob("*.xml"))[0]
+    regions = xml.read_text(errors="ignore").count("<Region ")
+    v = ViewerModel()
+    _add(v, get_reader(str(xml))(str(xml)))
+    lay = layers_to_layout(v.layers[f"{xml.stem} instances"], v.layers[f"{xml.stem} centroids"])
+    assert 0.9 * regions <= lay.num_nuclei <= regions
+
+
+def test_manifest_validates_on_the_installed_package() -> None:
+    npe2 = shutil.which("npe2", path=str(Path(sys.executable).parent))
+    assert npe2, "npe2 is not installed next to this python"
+    res = subprocess.run([npe2, "validate", "napari-nucsynth"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in res.stdout
