@@ -1,0 +1,142 @@
+"""What every model family provides, and the registry that finds a family by name.
+
+A *family* (semantic, structure, joint) is a small class that knows how to build its
+network from a JSON-friendly config, compute its training loss on a batch from
+:class:`nucsynth.data.dataset.SampleDataset`, and sample. The training loop
+(:mod:`nucsynth.train`) and the checkpoint format (:mod:`nucsynth.checkpoint`) only talk to
+this interface, so one loop and one checkpoint format serve every family.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily so that `import nucsynth.models` stays cheap
+    import torch
+
+__all__ = ["ModelFamily", "register_family", "get_family", "family_names", "KNOWN_FAMILY_MODULES"]
+
+# Families shipped with the engine: name -> module that registers it when imported.
+KNOWN_FAMILY_MODULES: dict[str, str] = {
+    "semantic": "nucsynth.models.semantic",
+    "structure": "nucsynth.models.structure",
+    "joint": "nucsynth.models.joint",
+}
+
+_REGISTRY: dict[str, type["ModelFamily"]] = {}
+
+
+class ModelFamily(ABC):
+    """Base class of a model family.
+
+    Subclasses set ``name`` (the registry key stored in checkpoints) and implement
+    :meth:`from_config_dict`, :meth:`config_dict`, :meth:`build_network`,
+    :meth:`training_loss` and :meth:`preview`. ``net`` is the network used by sampling
+    methods; :func:`nucsynth.checkpoint.load_checkpoint` sets it (EMA weights by default).
+    """
+
+    name: ClassVar[str] = ""
+    #: maps requested from ``SampleDataset`` for a training batch (besides "image")
+    data_maps: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.net: "torch.nn.Module | None" = None
+        #: where the weights came from (a checkpoint path) and at which step; for provenance
+        self.checkpoint: str | None = None
+        self.step: int | None = None
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    @abstractmethod
+    def from_config_dict(cls, d: Mapping[str, Any]) -> "ModelFamily":
+        """Rebuild the family (without weights) from :meth:`config_dict`'s output."""
+
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-friendly config: everything needed to rebuild the network and sampler."""
+
+    @property
+    def preset(self) -> str | None:
+        """Name of the preset this config came from, if any."""
+        return self.config_dict().get("preset")
+
+    @property
+    def image_size(self) -> int | None:
+        """Training patch size (pixels) of this model, if fixed by its config."""
+        return self.config_dict().get("image_size")
+
+    # ------------------------------------------------------------------ training
+    @abstractmethod
+    def build_network(self) -> "torch.nn.Module":
+        """A freshly initialized network for this config (deterministic under torch.manual_seed)."""
+
+    @abstractmethod
+    def training_loss(
+        self,
+        net: "torch.nn.Module",
+        batch: Mapping[str, "torch.Tensor"],
+        generator: "torch.Generator",
+        cond_drop: float = 0.0,
+    ) -> tuple["torch.Tensor", dict[str, float]]:
+        """Scalar loss of one batch and a dict of extra figures to log.
+
+        All randomness (timesteps, noise, condition dropout) must come from ``generator`` so
+        that a resumed run continues exactly. ``cond_drop`` is the fraction of samples whose
+        condition is replaced by the null condition (classifier-free guidance training);
+        families without a droppable condition ignore it.
+        """
+
+    @abstractmethod
+    def preview(
+        self, net: "torch.nn.Module", batch: Mapping[str, "torch.Tensor"], seed: int = 0
+    ) -> np.ndarray:
+        """A quick look at what the model makes for the conditions of ``batch``:
+        uint8 (B, H, W, 3) images (few sampler steps; used for the training previews)."""
+
+    def describe(self) -> str:
+        """One line for logs: family, preset and size."""
+        return f"{self.name} (preset {self.preset}, image size {self.image_size})"
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make ``cls`` findable by :func:`get_family` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"model family {cls.__qualname__} has no name")
+    other = _REGISTRY.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"model family name {cls.name!r} is already taken by {other.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_family(name: str) -> type[ModelFamily]:
+    """The family class registered as ``name`` (importing the engine's module for it if needed)."""
+    if name not in _REGISTRY and name in KNOWN_FAMILY_MODULES:
+        try:
+            importlib.import_module(KNOWN_FAMILY_MODULES[name])
+        except ModuleNotFoundError as e:
+            if e.name != KNOWN_FAMILY_MODULES[name]:
+                raise
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model family {name!r}; available: {family_names()}")
+    return _REGISTRY[name]
+
+
+def family_names() -> list[str]:
+    """Names of the families that can be built here (shipped ones that import, plus registered)."""
+    names = set(_REGISTRY)
+    for name, mod in KNOWN_FAMILY_MODULES.items():
+        if name in names:
+            continue
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        names.add(name)
+    return sorted(n for n in names if n in _REGISTRY)
