@@ -15,8 +15,9 @@ layout can be read back from the layers alone (:func:`layers_to_layout`).
 :class:`LayoutLayers` binds the three layers of one layout and keeps them consistent while
 the user edits any of them: painting a new nucleus gives it the selected class, painting
 over the class layer re-classes the nuclei touched, adding a point adds a nucleus (a point
-with no pixels yet), dragging a point moves its nucleus, deleting a point deletes its
-nucleus, erasing a nucleus' last pixel deletes it.
+with no pixels yet), dragging a point moves its nucleus
+(``nucsynth.edit.enlarge.shift_nucleus``: never onto another nucleus or off the canvas),
+deleting a point deletes its nucleus, erasing a nucleus' last pixel deletes it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 from psygnal import Signal
 
+from nucsynth.edit.enlarge import shift_nucleus
 from nucsynth.layout import ClassSet, Layout, Sample
 
 __all__ = [
@@ -314,6 +316,7 @@ class LayoutLayers:
     """
 
     changed = Signal()  # emitted after any edit (counts, classes, positions)
+    notice = Signal(str)  # a message for the user (an edit that was refused)
 
     def __init__(self, viewer: Any, name: str, class_set: ClassSet) -> None:
         self.viewer = viewer
@@ -567,7 +570,7 @@ class LayoutLayers:
         seen: set[int] = set()
         inst = np.asarray(self.instances.data).copy()
         inst_changed = False
-        targets: dict[int, np.ndarray] = {}
+        refused: list[int] = []
         h, w = inst.shape
         for p, i, c in zip(pts, pid.tolist(), pcls.tolist()):
             p = np.array([np.clip(p[0], -0.5, h - 0.5), np.clip(p[1], -0.5, w - 0.5)])
@@ -577,8 +580,11 @@ class LayoutLayers:
                 self._pos[i] = p
             elif not np.allclose(p, self._pos[i]):
                 if i in self._has_pixels:
-                    inst_changed |= _move_nucleus(inst, i, p - self._pos[i])
-                    targets[i] = p
+                    dy, dx = (int(v) for v in np.rint(p - self._pos[i]))
+                    if shift_nucleus(inst, i, dy, dx):
+                        inst_changed = True
+                    elif dy or dx:
+                        refused.append(i)
                 else:
                     self._pos[i] = p
             seen.add(i)
@@ -599,11 +605,12 @@ class LayoutLayers:
             for i, c in zip(ids.tolist(), cen):
                 self._pos[i] = c
             self._has_pixels = set(ids.tolist()) & set(self._cls)
-            for i, p in targets.items():  # moved wholly off the canvas / under others: a point
-                if i not in self._has_pixels:
-                    self._pos[i] = p
             self._last_inst = inst.copy()
-        self._publish()
+        self._publish()  # a refused move puts its point back on the nucleus
+        if refused:
+            self.notice.emit(
+                f"nuclei {refused} not moved: they would leave the canvas or overlap another nucleus"
+            )
 
 
 def _after_paint(data: Any, event: Any) -> np.ndarray:
@@ -628,20 +635,3 @@ def _after_paint(data: Any, event: Any) -> np.ndarray:
             indices, _, new = atom
             out[indices] = new
     return out
-
-
-def _move_nucleus(inst: np.ndarray, nid: int, shift: np.ndarray) -> bool:
-    """Translate nucleus ``nid`` by ``shift`` (rounded) in place; pixels that would land
-    off the canvas or on another nucleus are dropped. Returns whether anything changed."""
-    dy, dx = (int(v) for v in np.rint(shift))
-    if dy == 0 and dx == 0:
-        return False
-    yy, xx = np.nonzero(inst == nid)
-    ny, nx = yy + dy, xx + dx
-    h, w = inst.shape
-    inst[yy, xx] = 0
-    ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-    ny, nx = ny[ok], nx[ok]
-    free = inst[ny, nx] == 0
-    inst[ny[free], nx[free]] = nid
-    return True

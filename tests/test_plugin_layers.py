@@ -129,3 +129,14 @@ def test_layers_without_class_set_give_clear_error() -> None:
     layer = viewer.add_labels(np.zeros((8, 8), np.int32), name="plain")
     with pytest.raises(ValueError, match="class set"):
         layers_to_layout(layer)
+
+
+def test_a_move_onto_another_nucleus_is_refused(ctrl: LayoutLayers, layout: Layout) -> None:
+    notes = []
+    ctrl.notice.connect(notes.append)
+    data = ctrl.centroids.data.copy()
+    data[0] = layout.centroids[1]  # drop nucleus 1 onto nucleus 2
+    ctrl.centroids.data = data
+    assert ctrl.layout().equals(layout)
+    assert np.allclose(ctrl.centroids.data[0], layout.centroids[0])
+    assert notes and "not moved" in notes[0]
