@@ -37,14 +37,14 @@ import platform
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, overload
+from typing import Any, Callable, Iterable, Iterator, Sequence, overload
 
 import numpy as np
 
 from nucsynth.io.errors import FormatError
 from nucsynth.layout import ClassSet, Layout, Sample
 
-__all__ = ["DatasetStore", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["DatasetStore", "FORMAT_NAME", "FORMAT_VERSION", "temporary_path", "move_into_place"]
 
 FORMAT_NAME = "nucsynth-dataset"
 FORMAT_VERSION = 1
@@ -73,6 +73,26 @@ def _creation_provenance() -> dict[str, Any]:
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
     }
+
+
+def temporary_path(path: str | Path, purpose: str = "creating") -> Path:
+    """A hidden sibling of ``path`` to build a store in before :func:`move_into_place`."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{purpose}-{uuid.uuid4().hex}"
+
+
+def move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``path``; an existing ``path`` is replaced only
+    with ``overwrite`` (it is moved aside first and deleted after the rename)."""
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        old = temporary_path(path, "replaced")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.rename(tmp, path)
 
 
 class DatasetStore(Sequence[Sample]):
@@ -116,7 +136,7 @@ class DatasetStore(Sequence[Sample]):
             raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
         user_attrs = json.loads(json.dumps(attrs or {}, default=_json_default))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex}"
+        tmp = temporary_path(path)
         try:
             g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             g.create_array("offsets", shape=(1,), chunks=(_TABLE_CHUNK,), dtype="int64", fill_value=0)
@@ -134,13 +154,7 @@ class DatasetStore(Sequence[Sample]):
                 "created": _creation_provenance(),
                 "attrs": user_attrs,
             }
-            if path.exists():
-                old = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            else:
-                os.rename(tmp, path)
+            move_into_place(tmp, path, overwrite)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -264,9 +278,13 @@ class DatasetStore(Sequence[Sample]):
         """Indices of the patches in ``split`` (an empty array if none)."""
         return np.flatnonzero(self._table()["splits"] == split)
 
-    def class_counts(self) -> np.ndarray:
-        """Nuclei per class over the store: index 0 unknown, 1..K the classes."""
-        return np.bincount(self._table()["classes"], minlength=self.class_set.num_classes + 1)
+    def class_counts(self, split: str | None = None) -> np.ndarray:
+        """Nuclei per class over the store (or one split): index 0 unknown, 1..K the classes."""
+        t, k = self._table(), self.class_set.num_classes + 1
+        if split is None:
+            return np.bincount(t["classes"], minlength=k)
+        per_row = np.repeat(t["splits"] == split, np.diff(t["offsets"]))
+        return np.bincount(t["classes"][per_row], minlength=k)
 
     def provenance(self, i: int) -> dict[str, Any]:
         """Provenance of patch ``i``."""
@@ -330,19 +348,21 @@ class DatasetStore(Sequence[Sample]):
         g.create_array("images", shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", fill_value=0, compressors=comp)
         g.create_array("inst_maps", shape=(0, h, w), chunks=(1, h, w), dtype="int32", fill_value=0, compressors=comp)
 
-    def append(self, samples: Iterable[Sample], splits: str | Sequence[str] = "train") -> int:
+    def append(
+        self, samples: Iterable[Sample], splits: str | Sequence[str] | Callable[[Sample], str] = "train"
+    ) -> int:
         """Append samples (all of the store's patch size and class set); returns how many.
 
-        ``splits`` is one split name for all, or one per sample. Existing chunks are never
-        rewritten; the patch count is committed last (see the module doc).
+        ``splits`` is one split name for all, one per sample, or a function of the sample
+        (handy when ``samples`` is a generator). Existing chunks are never rewritten; the
+        patch count is committed last (see the module doc).
         """
         self._require_writable()
         cs = self.class_set
         n0, m0 = len(self), self.num_nuclei
         n, m = n0, m0
-        split_list = None if isinstance(splits, str) else [str(x) for x in splits]
-        if any(not lab for lab in ([splits] if isinstance(splits, str) else split_list or [])):
-            raise ValueError("split labels must be non-empty strings")
+        split_fn = splits if callable(splits) else None
+        split_list = None if isinstance(splits, str) or split_fn is not None else [str(x) for x in splits]  # type: ignore[union-attr]
         batch: list[Sample] = []
         labels: list[str] = []
         buffered = 0
@@ -353,8 +373,11 @@ class DatasetStore(Sequence[Sample]):
                 raise ValueError(f"sample {k} uses class set {s.layout.class_set.name!r}; the store holds {cs.name!r}")
             if split_list is not None and k >= len(split_list):
                 raise ValueError(f"{len(split_list)} split labels given for more samples")
+            label = str(split_fn(s)) if split_fn is not None else split_list[k] if split_list is not None else str(splits)
+            if not label:
+                raise ValueError(f"sample {k}: split labels must be non-empty strings")
             batch.append(s)
-            labels.append(split_list[k] if split_list is not None else str(splits))
+            labels.append(label)
             buffered += s.image.nbytes + s.layout.inst_map.nbytes
             if buffered >= _WRITE_BYTES:
                 m = self._write_batch(batch, labels, n, m)
