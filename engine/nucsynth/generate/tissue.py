@@ -89,9 +89,10 @@ def procedural_sample(
     class_set: ClassSet = CONSEP_CLASSES,
     seed: int = 0,
     density: float | None = None,
+    class_shares=None,
 ) -> Sample:
     """A random layout (:func:`random_layout`) with its procedural image, as a Sample."""
-    layout = random_layout(shape, class_set=class_set, density=density, seed=seed)
+    layout = random_layout(shape, class_set=class_set, density=density, class_shares=class_shares, seed=seed)
     image = procedural_image(layout, seed=seed)
     prov = {"source": "procedural", "generator": "nucsynth.generate.tissue.procedural_sample", "seed": int(seed)}
     return Sample(layout, image, prov)
