@@ -13,11 +13,13 @@ See docs/diffusion.md for the mathematics and conventions.
 
 from nucsynth.diffusion.gaussian import GaussianDiffusion
 from nucsynth.diffusion.guidance import guidance_scale_from, guided
+from nucsynth.diffusion.multinomial import MultinomialDiffusion
 from nucsynth.diffusion.sampling import Stepper, sample
 from nucsynth.diffusion.schedules import make_betas, respace_betas, space_timesteps
 
 __all__ = [
     "GaussianDiffusion",
+    "MultinomialDiffusion",
     "Stepper",
     "guidance_scale_from",
     "guided",

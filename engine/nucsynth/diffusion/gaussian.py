@@ -57,6 +57,34 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     )
 
 
+def gather_constant(cache: dict, name: str, values: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
+    """values[t] as a (B, 1, ...) tensor with ``like``'s dtype/device (float64 tables are
+    cached per device and cast only after the gather)."""
+    key = (name, str(like.device))
+    table = cache.get(key)
+    if table is None:
+        table = torch.as_tensor(values, dtype=torch.float64)
+        if like.device.type == "mps":  # MPS has no float64: cast on the CPU first
+            table = table.float()
+        table = table.to(like.device)
+        cache[key] = table
+    vals = table[t.to(like.device).long()].to(like.dtype)
+    return vals.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def as_index(t: Tensor | int, batch: int, device: torch.device) -> Tensor:
+    """Process indices as a LongTensor (B,) from an int, a 0-d or a (B,) tensor."""
+    if isinstance(t, Tensor):
+        t = t.to(device=device, dtype=torch.long)
+        if t.ndim == 0:
+            t = t.expand(batch)
+    else:
+        t = torch.full((batch,), int(t), dtype=torch.long, device=device)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
 class GaussianDiffusion:
     """A (possibly respaced) Gaussian diffusion process.
 
@@ -128,26 +156,12 @@ class GaussianDiffusion:
 
     def _extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
         """Gather constant ``name`` at indices t (B,), shaped (B, 1, ...) like ``like``."""
-        key = (name, str(like.device))
-        table = self._cache.get(key)
-        if table is None:
-            table = torch.as_tensor(getattr(self, name), dtype=torch.float64)
-            if like.device.type == "mps":  # MPS has no float64: cast on the CPU first
-                table = table.float()
-            table = table.to(like.device)
-            self._cache[key] = table
-        vals = table[t.to(like.device).long()].to(like.dtype)
-        return vals.reshape(-1, *([1] * (like.ndim - 1)))
+        return gather_constant(self._cache, name, getattr(self, name), t, like)
 
     def _as_index(self, t: Tensor | int, batch: int, device: torch.device) -> Tensor:
-        if isinstance(t, Tensor):
-            t = t.to(device=device, dtype=torch.long)
-            if t.ndim == 0:
-                t = t.expand(batch)
-        else:
-            t = torch.full((batch,), int(t), dtype=torch.long, device=device)
-        if t.shape != (batch,):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        t = as_index(t, batch, device)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"process indices must lie in 0..{self.num_timesteps - 1}")
         return t
 
     def model_timesteps(self, t: Tensor) -> Tensor:
