@@ -102,11 +102,14 @@ def _point_features(ids: np.ndarray, classes: np.ndarray, class_set: ClassSet) -
     )
 
 
-def layout_to_layers(layout: Layout, name: str = "layout", selected_class: int = 1) -> list[LayerDataTuple]:
+def layout_to_layers(
+    layout: Layout, name: str = "layout", selected_class: int = 1, translate: tuple[float, float] = (0.0, 0.0)
+) -> list[LayerDataTuple]:
     """The three LayerData tuples (instances, classes, centroids) of ``layout``.
 
     Nucleus ids are ``1..N`` as in the Layout; ``selected_class`` is the class new points
-    get (the centroid layer's ``feature_defaults``).
+    get (the centroid layer's ``feature_defaults``); ``translate`` (y, x) places the layers
+    in the world (e.g. beside another layout).
     """
     cs = layout.class_set
     names = layer_names(name)
@@ -134,6 +137,8 @@ def layout_to_layers(layout: Layout, name: str = "layout", selected_class: int =
         "size": max(3.0, min(layout.shape) / 64),
         "metadata": _meta("centroids", name, cs),
     }
+    for kw in (inst_kwargs, cls_kwargs, pt_kwargs):
+        kw["translate"] = tuple(float(t) for t in translate)
     return [
         (layout.inst_map.copy(), inst_kwargs, "labels"),
         (layout.type_map(), cls_kwargs, "labels"),
@@ -343,31 +348,44 @@ class LayoutLayers:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def show(cls, viewer: Any, layout: Layout, name: str = "layout", selected_class: int = 1) -> "LayoutLayers":
-        """Show ``layout`` as the layers called ``name``: update them if present, else add."""
+    def show(
+        cls,
+        viewer: Any,
+        layout: Layout,
+        name: str = "layout",
+        selected_class: int = 1,
+        translate: tuple[float, float] | None = None,
+    ) -> "LayoutLayers":
+        """Show ``layout`` as the layers called ``name``: update them if present, else add
+        (at ``translate`` (y, x), default the origin)."""
         names = layer_names(name)
         existing = [n for n in names.values() if n in viewer.layers]
         if len(existing) == 3:
             ctrl = cls.attach(viewer, name)
             if ctrl.class_set != layout.class_set:
-                ctrl = cls._rebuild(viewer, layout, name, selected_class)
+                ctrl = cls._rebuild(viewer, layout, name, selected_class, translate)
             else:
                 ctrl.set_layout(layout)
+                if translate is not None:
+                    for layer in (ctrl.instances, ctrl.classes, ctrl.centroids):
+                        layer.translate = translate
             ctrl.selected_class = selected_class
             return ctrl
         for n in existing:  # a partial set (the user deleted one): rebuild all three
             viewer.layers.remove(n)
-        return cls._rebuild(viewer, layout, name, selected_class)
+        return cls._rebuild(viewer, layout, name, selected_class, translate)
 
     @classmethod
-    def _rebuild(cls, viewer: Any, layout: Layout, name: str, selected_class: int) -> "LayoutLayers":
+    def _rebuild(
+        cls, viewer: Any, layout: Layout, name: str, selected_class: int, translate: tuple[float, float] | None
+    ) -> "LayoutLayers":
         for n in layer_names(name).values():
             if n in viewer.layers:
                 viewer.layers.remove(n)
-        for data, kwargs, kind in layout_to_layers(layout, name, selected_class):
+        for data, kwargs, kind in layout_to_layers(layout, name, selected_class, translate or (0.0, 0.0)):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
         viewer.layers[layer_names(name)["instances"]].contour = 1
-        ctrl = cls(viewer, name, layout.class_set)
+        ctrl = cls.attach(viewer, name)  # a dock may have bound the new layers already
         ctrl.selected_class = selected_class
         return ctrl
 
@@ -452,6 +470,12 @@ class LayoutLayers:
                 self.classes.selected_label = int(k)
         finally:
             self._updating = False
+
+    def remove(self) -> None:
+        """Remove this layout's layers from the viewer."""
+        for layer in (self.instances, self.classes, self.centroids):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
 
     def new_nucleus_label(self) -> int:
         """Select a fresh id on the instance layer (the next stroke paints a new nucleus)."""

@@ -1,0 +1,86 @@
+"""The designer dock driven through its real widgets (napari viewer under a virtual X server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def designer(make_napari_viewer, qtbot):
+    from napari_nucsynth._designer import DesignerWidget
+
+    viewer = make_napari_viewer()
+    widget = DesignerWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Layout designer")
+    return widget
+
+
+def test_paint_updates_counts_and_bars(designer) -> None:
+    designer.height_spin.setValue(64)
+    designer.width_spin.setValue(64)
+    designer.new_btn.click()
+    ctrl = designer.ctrl
+    assert ctrl is not None and designer.counts() == {"other": 0, "inflammatory": 0, "epithelial": 0, "spindle": 0}
+    designer.select_class(3)
+    designer.paint_btn.click()
+    assert designer.viewer.layers.selection.active is ctrl.instances
+    first = ctrl.instances.selected_label
+    ctrl.instances.brush_size = 6
+    ctrl.instances.paint((20, 20), first)
+    assert designer.counts()["epithelial"] == 1
+    assert designer.bars.shares[2] == pytest.approx(1.0)
+    # one stroke = one nucleus: the next stroke paints a new id of the newly selected class
+    assert ctrl.instances.selected_label != first
+    designer.select_class(1)
+    ctrl.instances.paint((45, 45), ctrl.instances.selected_label)
+    assert designer.counts() == {"other": 1, "inflammatory": 0, "epithelial": 1, "spindle": 0}
+    assert designer.bars.shares[0] == pytest.approx(0.5)
+
+
+def test_balance_gives_a_proposal_at_the_target_share(designer) -> None:
+    designer.class_set_combo.setCurrentText("consep4")
+    designer.seed_spin.setValue(3)
+    designer.random_btn.click()
+    ctrl = designer.ctrl
+    base = ctrl.layout()
+    assert base.num_nuclei > 20
+    designer.set_target(1, 0.25)
+    designer.balance_btn.click()
+    prop = designer.proposal
+    assert prop is not None and prop.name == f"{ctrl.name} proposal"
+    assert designer.keep_btn.isEnabled()
+    got = prop.layout()
+    share = (got.classes == 1).mean()
+    assert share >= 0.25
+    assert ctrl.layout().equals(base)  # the user's layout is untouched until "Keep"
+    assert prop.instances.translate[1] > base.shape[1]  # beside, not over the layout
+    designer.keep_btn.click()
+    assert designer.proposal is None and f"{ctrl.name} proposal instances" not in designer.viewer.layers
+    assert (ctrl.layout().classes == 1).mean() == pytest.approx(share)
+    assert designer.counts()["other"] == int((got.classes == 1).sum())
+
+
+def test_points_and_nuclei_both_ways_and_discard(designer) -> None:
+    designer.random_btn.click()
+    ctrl = designer.ctrl
+    n = ctrl.layout().num_nuclei
+    designer.points_btn.click()
+    assert ctrl.layout().areas().sum() == 0 and ctrl.layout().num_nuclei == n
+    designer.nuclei_btn.click()
+    lay = ctrl.layout()
+    assert lay.num_nuclei == n and (lay.areas() > 0).all()
+    designer.enlarge_btn.click()
+    assert designer.proposal is not None
+    designer.discard_btn.click()
+    assert designer.proposal is None and ctrl.layout().equals(lay)
+
+
+def test_bad_input_is_a_notification(designer, monkeypatch) -> None:
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    designer.balance_btn.click()  # no layout yet
+    assert shown and "no layout" in shown[0]
