@@ -176,6 +176,8 @@ def test_bad_inputs_give_clear_errors():
         VahadaneNormalizer.from_dict(good)
     with pytest.raises(ValueError, match="invalid fitted state"):
         normalizer_from_dict(dict(good, stain_matrix=[[1, 0, 0]]))
+    with pytest.raises(ValueError, match="invalid macenko parameters"):
+        normalizer_from_dict(dict(good, params={"gamma": 1}))
     with pytest.raises(ValueError, match="lam"):
         VahadaneNormalizer(lam=-1)
 

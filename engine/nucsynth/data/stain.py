@@ -299,7 +299,10 @@ class StainNormalizer(ABC):
                 f"invalid fitted state: stain_matrix must be finite (2, 3) and max_concentrations "
                 f"(2,) > 0, got {stains.shape} and {maxc.tolist()}"
             )
-        obj = cls(**params)
+        try:
+            obj = cls(**params)
+        except TypeError as e:
+            raise ValueError(f"invalid {cls.method} parameters {params}: {e}") from None
         obj.stain_matrix_ = stains
         obj.max_concentrations_ = maxc
         return obj
