@@ -160,3 +160,26 @@ def test_rescale_drops_vanishing_nuclei_and_relabels():
     assert set(np.unique(small.layout.inst_map)) == {0, 1, 2}
     with pytest.raises(ValueError, match="positive"):
         rescale_sample(s, 0)
+
+
+@pytest.mark.realdata
+def test_real_consep_patch_tiles_and_rescales(consep_dir):
+    from nucsynth.io.consep import read_consep_file
+
+    s = read_consep_file(consep_dir / "Labels" / "train_10_005.mat")
+    tiles = tile_sample(s, 64)
+    assert len(tiles) == 16
+    inst = np.zeros(s.layout.shape, np.int64)
+    offset = 0
+    for y0, x0, p in tiles:
+        m = p.layout.inst_map
+        inst[y0 : y0 + 64, x0 : x0 + 64] = np.where(m > 0, m + offset, 0)
+        offset += p.layout.num_nuclei
+        assert np.array_equal(p.image, s.image[y0 : y0 + 64, x0 : x0 + 64])
+    grid = (np.arange(256)[:, None] // 64) * 10 + np.arange(256)[None, :] // 64
+    assert _same_partition(inst, np.where(s.layout.inst_map > 0, s.layout.inst_map * 100 + grid, 0))
+    # 40x -> 20x: nearly every nucleus survives (only specks vanish), classes follow them.
+    half = change_magnification(s, 40, 20)
+    assert half.layout.num_nuclei >= 0.9 * s.layout.num_nuclei
+    big = s.layout.areas() >= 16
+    assert np.array_equal(half.layout.class_counts()[1:] >= np.bincount(s.layout.classes[big], minlength=5)[1:], [True] * 4)
