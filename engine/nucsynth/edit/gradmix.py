@@ -189,7 +189,7 @@ def gradmix_balance(
     prov = dict(sample.provenance)
     prov.update(
         edit="gradmix",
-        seed=int(seed),
+        edit_seed=int(seed),
         target_share=target_share,
         rare_class=report.rare_class,
         rare_before=report.rare_before,
