@@ -92,8 +92,7 @@ def _read_raw(path: Path) -> _RawLabels:
     if classes.size and classes.min() < 0:
         raise FormatError(path, f"class ids must be >= 0, found {classes.min()}")
     cen = None
-    present = np.unique(inst)
-    contiguous = present.size - 1 == n if present[0] == 0 else present.size == n
+    contiguous = bool(np.all(np.bincount(inst.ravel(), minlength=n + 1)[1:] > 0))  # ids 1..n all present
     if "inst_centroid" in mat and contiguous:
         cen = xy_to_yx(path, mat["inst_centroid"], "inst_centroid", n)
     return _RawLabels(path, inst, classes, cen)
