@@ -55,6 +55,10 @@ class ToyFamily(ModelFamily):
         self.channels = channels
 
     @classmethod
+    def from_preset(cls, name, image_size, class_set, **options) -> "ToyFamily":
+        return cls({"toy": 8, "small": 4}[name])
+
+    @classmethod
     def from_config_dict(cls, d: Mapping[str, Any]) -> "ToyFamily":
         return cls(int(d["channels"]))
 

@@ -18,6 +18,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily so that `import nucsynth.models` stays cheap
     import torch
 
+    from nucsynth.layout import ClassSet
+
 __all__ = ["ModelFamily", "register_family", "get_family", "family_names", "KNOWN_FAMILY_MODULES"]
 
 # Families shipped with the engine: name -> module that registers it when imported.
@@ -34,7 +36,7 @@ class ModelFamily(ABC):
     """Base class of a model family.
 
     Subclasses set ``name`` (the registry key stored in checkpoints) and implement
-    :meth:`from_config_dict`, :meth:`config_dict`, :meth:`build_network`,
+    :meth:`from_preset`, :meth:`from_config_dict`, :meth:`config_dict`, :meth:`build_network`,
     :meth:`training_loss` and :meth:`preview`. ``net`` is the network used by sampling
     methods; :func:`nucsynth.checkpoint.load_checkpoint` sets it (EMA weights by default).
     """
@@ -50,6 +52,12 @@ class ModelFamily(ABC):
         self.step: int | None = None
 
     # ------------------------------------------------------------------ config
+    @classmethod
+    @abstractmethod
+    def from_preset(cls, name: str, image_size: int, class_set: "ClassSet", **options: Any) -> "ModelFamily":
+        """A fresh model of preset ``name`` (tiny / base / paper) for ``image_size`` px
+        patches of ``class_set`` (what ``nucsynth train --family F --preset P`` builds)."""
+
     @classmethod
     @abstractmethod
     def from_config_dict(cls, d: Mapping[str, Any]) -> "ModelFamily":

@@ -1,0 +1,151 @@
+"""``nucsynth train``: train a model family on a dataset store (or any readable source).
+
+Single process: ``nucsynth train --family semantic --preset tiny --data STORE --out RUN``.
+Several GPUs: ``torchrun --nproc_per_node 4 -m nucsynth.cli train ...`` (DDP, rank 0 writes;
+``--batch-size`` is per process). ``--resume`` continues RUN exactly where its newest
+checkpoint left off; options given with ``--resume`` (e.g. more ``--steps`` or a
+``--finetune-steps`` stage) override the stored ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+NAME = "train"
+HELP = "Train a model (semantic, structure, joint) on a dataset store; resumable, DDP under torchrun."
+
+# CLI option -> TrainConfig field (options left unset keep the config's default, or on
+# --resume the value stored in the run).
+_TRAIN_OPTIONS = {
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "warmup": "warmup",
+    "weight_decay": "weight_decay",
+    "ema": "ema_decay",
+    "grad_clip": "grad_clip",
+    "cond_drop": "cond_drop",
+    "finetune_steps": "finetune_steps",
+    "finetune_lr": "finetune_lr",
+    "finetune_cond_drop": "finetune_cond_drop",
+    "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints",
+    "preview_every": "preview_every",
+    "seed": "seed",
+    "device": "device",
+    "workers": "num_workers",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``nucsynth train``."""
+    p.add_argument("--family", default="semantic", help="model family: semantic (default), structure, joint")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "base", "paper"), help="network size (default: tiny)")
+    p.add_argument("--data", type=Path, help="training data: a dataset store (.zarr) or any readable source folder")
+    p.add_argument("--split", default="train", help="split of a store to train on (default: train; 'all' = every patch)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (log.csv, checkpoints/, previews/)")
+    p.add_argument("--image-size", type=int, default=64, help="training crop size in px (default: 64)")
+    p.add_argument("--no-augment", action="store_true", help="no random rotations/flips/crops (centre crops)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("optimisation (defaults: nucsynth.train.TrainConfig)")
+    g.add_argument("--steps", type=int, help="stage-1 steps (default 1000)")
+    g.add_argument("--batch-size", type=int, help="batch size per process (default 8)")
+    g.add_argument("--lr", type=float, help="stage-1 learning rate (default 1e-4)")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--ema", type=float, help="EMA decay (default 0.999; 0.9999 for long runs)")
+    g.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (default 1.0)")
+    g.add_argument("--cond-drop", type=float, help="stage-1 condition dropout (default 0: condition always given)")
+    g.add_argument("--finetune-steps", type=int, help="stage-2 steps with condition dropout (default 0)")
+    g.add_argument("--finetune-lr", type=float, help="stage-2 learning rate (default 2e-5)")
+    g.add_argument("--finetune-cond-drop", type=float, help="stage-2 condition dropout (default 0.2)")
+    g.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps, 0 = end only (default 500)")
+    g.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept (default 2)")
+    g.add_argument("--preview-every", type=int, help="preview PNG every N steps, 0 = end only (default 0)")
+    g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and noise (default 0)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {field: getattr(args, opt) for opt, field in _TRAIN_OPTIONS.items() if getattr(args, opt) is not None}
+
+
+def _load_data(path: Path, split: str) -> tuple[Any, dict[str, Any]]:
+    """The training samples and their provenance."""
+    from nucsynth.data.dataset import split_source
+    from nucsynth.io import read_source
+    from nucsynth.io.store import DatasetStore
+
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    try:
+        store = DatasetStore.open(path)
+    except (ValueError, FileNotFoundError, OSError):
+        store = None
+    if store is not None:
+        prov: dict[str, Any] = {"path": str(path.resolve()), "kind": "store", "split": split, "store": store.attrs}
+        if split == "all":
+            return store, {**prov, "count": len(store)}
+        idx = store.indices(split)
+        if len(idx) == 0:
+            raise ValueError(f"store {path} has no patches in split {split!r}; splits present: {sorted(set(store.splits))}")
+        return split_source(store, idx), {**prov, "count": int(len(idx))}
+    samples = read_source(path)
+    if not samples:
+        raise ValueError(f"--data {path} holds no samples")
+    return samples, {"path": str(path.resolve()), "kind": "source", "count": len(samples)}
+
+
+def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
+    from nucsynth.models.base import get_family
+
+    cls = get_family(args.family)
+    return cls.from_preset(args.preset, args.image_size, class_set)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; returns the exit code."""
+    import torch
+
+    from nucsynth.checkpoint import build_family, list_checkpoints, read_config
+    from nucsynth.data.dataset import SampleDataset
+    from nucsynth.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data is None:
+        raise ValueError("--data is required (a dataset store or a readable source folder)")
+    if args.image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 px, got {args.image_size}")
+    source, provenance = _load_data(args.data, args.split)
+    class_set = getattr(source, "class_set", None) or source[0].layout.class_set
+    if args.resume:
+        runs = list_checkpoints(args.out)
+        if not runs:
+            raise FileNotFoundError(f"--resume: {args.out} holds no checkpoints")
+        saved = read_config(runs[-1])
+        model = build_family(saved, runs[-1])
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.get("train", {}).items() if k in fields}, **_given(args)})
+    else:
+        model = _build_model(args, class_set)
+        cfg = TrainConfig(**_given(args))
+    size = model.image_size or args.image_size
+    dataset = SampleDataset(source, maps=model.data_maps, size=size, augment=not args.no_augment, seed=cfg.seed)
+    print(f"nucsynth train: {model.describe()} on {provenance['count']} patches from {args.data}, "
+          f"{cfg.total_steps} steps, batch {cfg.batch_size}", file=sys.stderr)
+
+    def report(step: int, total: int, logs: dict[str, float]) -> None:
+        if step == 1 or step % 50 == 0 or step == total:
+            print(f"step {step}/{total}  loss {logs['loss']:.4f}  lr {logs['lr']:.2e}  "
+                  f"grad {logs['grad_norm']:.3f}  {logs['time']:.0f}s", file=sys.stderr, flush=True)
+
+    result = train(model, dataset, args.out, cfg, resume=args.resume, data=provenance, progress=report)
+    print(f"nucsynth train: done at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
+    return 0

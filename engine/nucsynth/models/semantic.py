@@ -1,0 +1,348 @@
+"""The semantic-label family: SDM (Wang et al. 2022), NASDM (Shrivastava & Fletcher 2023)
+and DiffMix (Oh & Jeong 2023) rendering.
+
+The network is :class:`nucsynth.nets.SpadeUNet`: the noisy image goes through the encoder,
+the label map enters the middle and decoder blocks through SPADE. The condition of a
+:class:`~nucsynth.layout.Layout` is its one-hot class channels (background included) plus
+one instance-edge channel, so touching nuclei stay separate; the null condition of
+classifier-free guidance is an all-zero map. Diffusion: T = 1000 linear betas, epsilon
+prediction, learned variance trained with the improved-DDPM hybrid loss.
+
+DiffMix renders an edited label map by partially noising the REAL image of the patch
+(``init_image`` + ``strength``, 0.55 in the paper) and denoising under the edited map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, Sample
+from nucsynth.models.base import ModelFamily, register_family
+
+__all__ = ["SemanticConfig", "SemanticModel", "to_uint8"]
+
+PRESETS = ("tiny", "base", "paper")
+SAMPLERS = ("dpm++2m", "ddim", "ancestral")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3).
+
+    Values are rounded to the nearest level; samplers can overshoot [-1, 1] slightly, so the
+    MODEL OUTPUT range is clamped here (this never touches user data).
+    """
+    y = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return y.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class SemanticConfig:
+    """Everything needed to rebuild a semantic model: preset, classes, network, diffusion.
+
+    Build one with :meth:`preset`; ``network`` is a ``UNetConfig`` dict (see
+    :func:`nucsynth.nets.unet_preset`).
+    """
+
+    preset: str
+    image_size: int
+    class_set: ClassSet
+    network: dict[str, Any]
+    schedule: str = "linear"
+    timesteps: int = 1000
+    prediction: str = "eps"
+    learned_variance: bool = True
+    vb_weight: float = 0.001
+    edges: bool = True
+
+    @property
+    def cond_channels(self) -> int:
+        """One-hot classes with background (K + 1), plus the edge channel."""
+        return self.class_set.num_classes + 1 + int(self.edges)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str = "tiny",
+        image_size: int = 64,
+        class_set: ClassSet = CONSEP_CLASSES,
+        **overrides: Any,
+    ) -> "SemanticConfig":
+        """The config of preset ``tiny`` (CPU), ``base`` (default GPU model) or ``paper``
+        (SDM reference scale) for ``image_size`` px patches; keyword overrides for the
+        diffusion fields (``learned_variance``, ``prediction``, ``schedule``, ``edges``...)."""
+        from nucsynth.nets import unet_preset
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown semantic preset {name!r}; choose one of {list(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"network"}
+        if unknown:
+            raise ValueError(f"unknown semantic config option(s) {sorted(unknown)}")
+        edges = bool(overrides.get("edges", True))
+        learned = bool(overrides.get("learned_variance", True))
+        net = unet_preset(
+            name,
+            image_size,
+            in_channels=3,
+            out_channels=6 if learned else 3,
+            cond_channels=class_set.num_classes + 1 + int(edges),
+        )
+        kw = {"preset": name, "image_size": image_size, "class_set": class_set, "network": net.to_dict()}
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (stored in checkpoints under ``"model"``)."""
+        return {
+            "preset": self.preset,
+            "image_size": self.image_size,
+            "class_set": self.class_set.to_dict(),
+            "network": dict(self.network),
+            "diffusion": {
+                "schedule": self.schedule,
+                "timesteps": self.timesteps,
+                "prediction": self.prediction,
+                "learned_variance": self.learned_variance,
+                "vb_weight": self.vb_weight,
+            },
+            "edges": self.edges,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SemanticConfig":
+        """Inverse of :meth:`to_dict`."""
+        diff = dict(d.get("diffusion", {}))
+        return cls(
+            preset=str(d["preset"]),
+            image_size=int(d["image_size"]),
+            class_set=ClassSet.from_dict(d["class_set"]),
+            network=dict(d["network"]),
+            schedule=str(diff.get("schedule", "linear")),
+            timesteps=int(diff.get("timesteps", 1000)),
+            prediction=str(diff.get("prediction", "eps")),
+            learned_variance=bool(diff.get("learned_variance", True)),
+            vb_weight=float(diff.get("vb_weight", 0.001)),
+            edges=bool(d.get("edges", True)),
+        )
+
+
+def _images_tensor(images: Any, n: int, shape: tuple[int, int]) -> torch.Tensor:
+    """uint8 image(s) (H, W, 3), (B, H, W, 3) or a list -> float (B, 3, H, W) in [-1, 1]."""
+    arrs = [np.asarray(a) for a in images] if isinstance(images, (list, tuple)) else list(np.asarray(images)[None] if np.ndim(images) == 3 else np.asarray(images))
+    if len(arrs) == 1 and n > 1:
+        arrs = arrs * n
+    if len(arrs) != n:
+        raise ValueError(f"init_image: got {len(arrs)} images for {n} layouts")
+    for a in arrs:
+        if a.dtype != np.uint8 or a.shape != (*shape, 3):
+            raise ValueError(f"init_image must be uint8 (H, W, 3) matching the layout {shape}; got {a.dtype} {a.shape}")
+    t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
+    return t / 127.5 - 1.0
+
+
+def _mask_tensor(mask: Any, n: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Mask(s) (H, W), (B, H, W) or a list, 1 = regenerate -> float (B, 1, H, W)."""
+    arrs = [np.asarray(m) for m in mask] if isinstance(mask, (list, tuple)) else list(np.asarray(mask)[None] if np.ndim(mask) == 2 else np.asarray(mask))
+    if len(arrs) == 1 and n > 1:
+        arrs = arrs * n
+    if len(arrs) != n or any(a.shape != shape for a in arrs):
+        raise ValueError(f"mask must be (H, W) = {shape} (one, or one per layout); got {[a.shape for a in arrs]}")
+    m = np.stack(arrs).astype(np.float32)
+    if m.size and (m.min() < 0 or m.max() > 1):
+        raise ValueError("mask values must lie in [0, 1] (1 = regenerate, 0 = keep)")
+    return torch.from_numpy(m)[:, None]
+
+
+@register_family
+class SemanticModel(ModelFamily):
+    """Label map -> H&E image (SDM / NASDM / DiffMix). See the module docstring."""
+
+    name = "semantic"
+    log_keys = ("mse", "vb")
+
+    def __init__(self, config: SemanticConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SemanticConfig.from_preset("tiny")
+        from nucsynth.diffusion import GaussianDiffusion, make_betas
+
+        c = self.config
+        self.diffusion = GaussianDiffusion(
+            make_betas(c.schedule, c.timesteps), prediction=c.prediction,
+            learned_variance=c.learned_variance, vb_weight=c.vb_weight,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", image_size: int = 64, class_set: ClassSet = CONSEP_CLASSES, **kw: Any) -> "SemanticModel":
+        """A fresh (untrained) model of preset ``name``; see :meth:`SemanticConfig.from_preset`."""
+        return cls(SemanticConfig.from_preset(name, image_size, class_set, **kw))
+
+    # ------------------------------------------------------------------ ModelFamily
+    @property
+    def data_maps(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("onehot", "edge") if self.config.edges else ("onehot",)
+
+    @classmethod
+    def from_config_dict(cls, d: Mapping[str, Any]) -> "SemanticModel":
+        return cls(SemanticConfig.from_dict(d))
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @property
+    def class_set(self) -> ClassSet:
+        """The classes the model was trained on."""
+        return self.config.class_set
+
+    def build_network(self) -> torch.nn.Module:
+        from nucsynth.nets import SpadeUNet, UNetConfig
+
+        return SpadeUNet(UNetConfig.from_dict(self.config.network))
+
+    def batch_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The condition map (B, K+2, H, W) of a ``SampleDataset`` batch."""
+        parts = [batch["onehot"]] + ([batch["edge"]] if self.config.edges else [])
+        cond = torch.cat(parts, dim=1)
+        if cond.shape[1] != self.config.cond_channels:
+            raise ValueError(
+                f"batch condition has {cond.shape[1]} channels; the model expects {self.config.cond_channels} "
+                f"(class set {self.class_set.name!r}: {self.class_set.num_classes} classes + background + edge)"
+            )
+        return cond
+
+    def condition(self, layouts: Sequence[Layout]) -> torch.Tensor:
+        """The condition maps (B, K+2, H, W) of Layouts (one-hot classes + instance edges)."""
+        maps = []
+        for i, lay in enumerate(layouts):
+            if lay.class_set.num_classes != self.class_set.num_classes:
+                raise ValueError(
+                    f"layout {i} uses class set {lay.class_set.name!r} ({lay.class_set.num_classes} classes); "
+                    f"this model was trained on {self.class_set.name!r} ({self.class_set.num_classes} classes)"
+                )
+            parts = [lay.onehot()] + ([lay.edge_map()[None]] if self.config.edges else [])
+            maps.append(np.concatenate(parts, axis=0))
+        return torch.from_numpy(np.stack(maps))
+
+    def training_loss(self, net, batch, generator, cond_drop=0.0):
+        """Hybrid loss at uniformly random timesteps; ``cond_drop`` of the samples get the
+        null (all-zero) condition (classifier-free guidance training)."""
+        x0 = batch["image"]
+        b, dev = x0.shape[0], x0.device
+        cond = self.batch_condition(batch).to(x0.dtype)
+        if cond_drop > 0:
+            keep = torch.rand(b, generator=generator, device=generator.device).to(dev) >= cond_drop
+            cond = cond * keep[:, None, None, None].to(cond.dtype)
+        t = self.diffusion.sample_t(b, generator, dev)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(dev)
+        xt = self.diffusion.q_sample(x0, t, noise)
+        out = net(xt, self.diffusion.model_timesteps(t), cond).float()
+        terms = self.diffusion.training_losses(out, x0, xt, t, noise)
+        return terms["loss"], {"mse": float(terms["mse"].detach()), "vb": float(terms["vb"].detach())}
+
+    def preview(self, net, batch, seed=0):
+        """Samples for the batch's label maps: 10 DPM-Solver++ steps, no guidance."""
+        cond = self.batch_condition(batch)
+        return to_uint8(self._sample_tensor(net, cond, steps=10, guidance=0.0, seed=seed, sampler="dpm++2m"))
+
+    # ------------------------------------------------------------------ sampling
+    def _sample_tensor(
+        self,
+        net: torch.nn.Module,
+        cond: torch.Tensor,
+        steps: int,
+        guidance: float,
+        seed: int,
+        sampler: str,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
+        mask: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        from nucsynth.diffusion import guided, sample
+
+        dev = next(net.parameters()).device
+        cond = cond.to(dev)
+        was_training = net.training
+        net.eval()
+        amp = dev.type == "cuda"
+
+        def net_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                return net(x, t, c).float()
+
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        model_fn = guided(net_fn, cond, torch.zeros_like(cond[:1]), float(guidance), eps_channels=3)
+        shape = (cond.shape[0], 3, cond.shape[2], cond.shape[3])
+        try:
+            with torch.no_grad():
+                return sample(
+                    self.diffusion, model_fn, shape, steps, method=sampler, generator=gen,
+                    init_image=None if init_image is None else init_image.to(dev),
+                    strength=strength, mask=None if mask is None else mask.to(dev),
+                    progress=progress, device=dev,
+                )
+        finally:
+            net.train(was_training)
+
+    def sample(
+        self,
+        layouts: Layout | Sequence[Layout],
+        steps: int = 20,
+        guidance: float = 0.5,
+        seed: int = 0,
+        sampler: str = "dpm++2m",
+        init_image: Any = None,
+        strength: float | None = None,
+        mask: Any = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Sample]:
+        """Render one image per Layout; returns Samples with provenance.
+
+        All layouts are rendered in ONE batch (they must share one canvas size, a multiple
+        of the network's down-sampling factor). ``guidance``: classifier-free guidance scale
+        in the engine's convention eps_c + s (eps_c - eps_u) (0 = conditional model only,
+        one network pass; SDM/DiffMix's s = 1.5 is 0.5 here), computed in one batched pass.
+        ``sampler``: ``"dpm++2m"`` (good at 10-25 steps), ``"ddim"`` or ``"ancestral"``.
+        ``init_image`` (uint8 (H, W, 3), one or one per layout) with ``strength`` in [0, 1]:
+        partial noising of that image, then denoising under the layout (DiffMix / SDEdit);
+        with ``mask`` (1 = regenerate): only the masked region changes. ``progress(i, n)``
+        after each step; raise in it to cancel. Same seed + inputs + device -> same images.
+        """
+        if self.net is None:
+            raise ValueError("this model has no network loaded: use nucsynth.checkpoint.load_checkpoint")
+        lays = [layouts] if isinstance(layouts, Layout) else list(layouts)
+        if not lays:
+            raise ValueError("sample() needs at least one layout")
+        shape = lays[0].shape
+        if any(l.shape != shape for l in lays):
+            raise ValueError(f"all layouts of one call must share a canvas size; got {sorted({l.shape for l in lays})}")
+        f = 2 ** (len(self.config.network["channel_mult"]) - 1)
+        if shape[0] % f or shape[1] % f:
+            raise ValueError(f"layout size {shape} must be a multiple of {f} on both sides for this network")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        init = None if init_image is None else _images_tensor(init_image, len(lays), shape)
+        m = None if mask is None else _mask_tensor(mask, len(lays), shape)
+        if init is None and (strength is not None or m is not None):
+            raise ValueError("strength and mask need an init_image (the real image to start from)")
+        x = self._sample_tensor(self.net, self.condition(lays), int(steps), float(guidance), int(seed), sampler,
+                                init, strength, m, progress)
+        images = to_uint8(x)
+        prov = {
+            "model": f"nucsynth.semantic/{self.config.preset}",
+            "checkpoint": self.checkpoint,
+            "checkpoint_step": self.step,
+            "seed": int(seed),
+            "steps": int(steps),
+            "guidance": float(guidance),
+            "sampler": sampler,
+            "strength": None if strength is None else float(strength),
+            "masked": m is not None,
+            "batch_size": len(lays),
+        }
+        return [Sample(lay, img, {**prov, "batch_index": i}) for i, (lay, img) in enumerate(zip(lays, images))]
