@@ -186,3 +186,10 @@ def test_class_ids_beyond_any_merge(tmp_path):
 def test_not_a_consep_folder(tmp_path):
     with pytest.raises(FormatError, match="Images/ and Labels/"):
         read_consep(tmp_path)
+
+
+def test_single_mat_file_source(tmp_path):
+    inst, classes = disk_layout_arrays()
+    folder = make_consep(tmp_path / "c", {"a_1_2": (inst, np.array(classes))})
+    (s,) = read_source(folder / "Labels" / "a_1_2.mat")
+    assert s.provenance["tile"] == "a_1" and s.layout.classes.tolist() == list(classes)

@@ -276,3 +276,11 @@ def test_detect_unknown(tmp_path):
         detect_format(tmp_path)
     with pytest.raises(ValueError, match="unknown format"):
         read_source(tmp_path, "tiff-stack")
+
+
+def test_single_mat_files(tmp_path):
+    folder, inst = make_lizard(tmp_path / "l")
+    mat = folder / "Lizard_Labels" / "Labels" / "crag_1.mat"
+    assert detect_format(mat) == "lizard"
+    (s,) = read_source(mat)
+    np.testing.assert_array_equal(s.layout.inst_map, inst // 10)

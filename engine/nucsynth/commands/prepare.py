@@ -12,7 +12,6 @@ place at the end: STORE is never left half-written.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -157,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
         "stain_target": str(args.stain_target) if args.stain_target else None,
         "val_fraction": args.val_fraction, "seed": args.seed,
         "split_groups": {k: sorted(g for g, v in splits.items() if v == k) for k in ("train", "val")},
-        "command": "nucsynth prepare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "nucsynth prepare",
     }
     tmp = temporary_path(args.store, "preparing")
     skipped: list[str] = []

@@ -173,12 +173,15 @@ def read_consep(
     merge_classes: bool | str | ClassMerge = True,
     class_set: ClassSet | None = None,
 ) -> list[Sample]:
-    """All samples of a CoNSeP-style folder (``Images/`` + ``Labels/*.mat``), sorted by name.
+    """All samples of a CoNSeP-style folder (``Images/`` + ``Labels/*.mat``), sorted by name
+    (or the one sample of a single ``.mat`` file given instead of the folder).
 
     See the module doc for ``merge_classes`` and ``class_set``. Every label needs its image
     (same stem); a missing one is a :class:`FormatError` naming the label file.
     """
     folder = Path(folder)
+    if folder.is_file():  # a single .mat: its image is looked up in ../Images
+        return [read_consep_file(folder, merge_classes=merge_classes, class_set=class_set)]
     labels_dir, images_dir = folder / "Labels", folder / "Images"
     if not labels_dir.is_dir() or not images_dir.is_dir():
         raise FormatError(folder, "a CoNSeP folder needs the sub-folders Images/ and Labels/")

@@ -22,6 +22,15 @@ def _mat_keys(path: Path) -> set[str]:
         raise FormatError(path, f"cannot read the .mat file (truncated or not a .mat file): {e}") from None
 
 
+def _mat_format(path: Path) -> str:
+    keys = _mat_keys(path)
+    if {"id", "class"} <= keys:
+        return "lizard"
+    if "inst_map" in keys:
+        return "consep"
+    raise FormatError(path, f"a .mat with neither CoNSeP (inst_map) nor Lizard (inst_map, id, class) keys: {sorted(keys)}")
+
+
 def detect_format(path: str | Path) -> str:
     """The format of ``path`` (one of :data:`FORMATS`), from its layout; FormatError if unknown."""
     p = Path(path)
@@ -33,18 +42,15 @@ def detect_format(path: str | Path) -> str:
             return "monuseg"
         if suf in (".geojson", ".json"):
             return "geojson"
-        raise FormatError(p, "cannot tell the format of this file (known files: .xml MoNuSeg, .geojson/.json QuPath)")
+        if suf == ".mat":
+            return _mat_format(p)
+        raise FormatError(p, "cannot tell the format of this file (known files: .xml MoNuSeg, .geojson/.json QuPath, .mat CoNSeP/Lizard)")
     if (p / "zarr.json").is_file():
         return "store"
     for labels in (p / "Labels", p / "Lizard_Labels" / "Labels"):
         mats = sorted(labels.glob("*.mat")) if labels.is_dir() else []
         if mats:
-            keys = _mat_keys(mats[0])
-            if {"id", "class"} <= keys:
-                return "lizard"
-            if "inst_map" in keys:
-                return "consep"
-            raise FormatError(mats[0], f"a .mat with neither CoNSeP (inst_map) nor Lizard (inst_map, id, class) keys: {sorted(keys)}")
+            return _mat_format(mats[0])
     if (p / "Annotations").is_dir() or any(p.glob("*.xml")):
         return "monuseg"
     if (p / "images").is_dir() and (p / "labels").is_dir():

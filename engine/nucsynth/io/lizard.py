@@ -57,25 +57,31 @@ def _label_dir(folder: Path) -> Path:
     raise FormatError(folder, "no Labels/*.mat found (expected Labels/ or Lizard_Labels/Labels/)")
 
 
+def _image_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.rglob("*") if d.is_dir() and "images" in d.name.lower())
+
+
+def _image_for(mat: Path, image_dirs: list[Path]) -> Path:
+    for d in image_dirs:
+        try:
+            return find_image(d, mat.stem, mat)
+        except FormatError:
+            continue
+    raise FormatError(mat, f"no image named {mat.stem}.png in {[str(d) for d in image_dirs]}")
+
+
 def read_lizard(folder: str | Path) -> list[Sample]:
-    """All samples of a Lizard folder, sorted by name."""
+    """All samples of a Lizard folder, sorted by name (or the one sample of a single
+    ``.mat``, whose image is looked up in the ``*Images*`` folders up to two levels above)."""
     folder = Path(folder)
+    if folder.is_file():
+        roots = [folder.parent.parent, folder.parent.parent.parent]
+        dirs = [d for r in roots for d in _image_dirs(r)]
+        return [read_lizard_file(folder, _image_for(folder, dirs))]
     if not folder.is_dir():
         raise FileNotFoundError(f"no Lizard folder at {folder}")
     labels = _label_dir(folder)
-    image_dirs = sorted(d for d in folder.rglob("*") if d.is_dir() and "images" in d.name.lower())
+    image_dirs = _image_dirs(folder)
     if not image_dirs:
         raise FormatError(folder, "no image folder found (expected Images/ or Lizard_Images*/)")
-    out = []
-    for mat in sorted(labels.glob("*.mat")):
-        img = None
-        for d in image_dirs:
-            try:
-                img = find_image(d, mat.stem, mat)
-                break
-            except FormatError:
-                continue
-        if img is None:
-            raise FormatError(mat, f"no image named {mat.stem}.png in {[str(d) for d in image_dirs]}")
-        out.append(read_lizard_file(mat, img))
-    return out
+    return [read_lizard_file(mat, _image_for(mat, image_dirs)) for mat in sorted(labels.glob("*.mat"))]
