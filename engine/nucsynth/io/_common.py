@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -186,8 +186,7 @@ def layout_from_ids(
     if centroids is None:
         if not has_pixels.all():
             raise FormatError(path, f"nucleus ids {ids[~has_pixels][:5].tolist()} have no pixels and no centroid")
-        lay = _validated(path, lambda: Layout.from_inst_map(new_map, classes, class_set))
-        return lay
+        return _validated(path, lambda: Layout.from_inst_map(new_map, classes, class_set))
     cen = np.asarray(centroids, np.float64)[order]
     return _validated(path, lambda: Layout(new_map, classes, cen, class_set))
 
@@ -254,8 +253,3 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def as_mapping(value: Any) -> Mapping[str, Any]:
-    """``value`` if it is a mapping, else an empty one."""
-    return value if isinstance(value, Mapping) else {}
