@@ -33,6 +33,8 @@ def make_betas(kind: str = "linear", T: int = 1000) -> np.ndarray:
     if not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
     if kind == "linear":
+        if T <= 20:  # the scaled end beta 0.02 * 1000 / T would reach 1 (no signal left)
+            raise ValueError(f"the linear schedule needs T > 20 (its scaled betas reach 1), got T={T}")
         scale = 1000.0 / T
         return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
     if kind == "cosine":
@@ -96,7 +98,7 @@ def _distinct(kept: np.ndarray, T: int) -> np.ndarray:
     collisions (dense spacings round several targets to the same step)."""
     kept = np.sort(kept)
     kept[0], kept[-1] = 0, T - 1
-    for k in range(1, len(kept)):
+    for k in range(1, len(kept) - 1):
         kept[k] = max(kept[k], kept[k - 1] + 1)
     for k in range(len(kept) - 2, -1, -1):
         kept[k] = min(kept[k], kept[k + 1] - 1)
