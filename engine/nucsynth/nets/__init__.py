@@ -2,6 +2,11 @@
 encoder, text encoders, and FLOP/parameter counting."""
 
 from .flops import count_flops, count_params
+from .rrdb import RRDBEncoder
+from .text import BuiltinPromptEncoder, OpenClipTextEncoder, prompt_from_layout
 from .unet import PRESETS, SpadeUNet, UNetConfig, unet_preset
 
-__all__ = ["SpadeUNet", "UNetConfig", "unet_preset", "PRESETS", "count_flops", "count_params"]
+__all__ = [
+    "SpadeUNet", "UNetConfig", "unet_preset", "PRESETS", "count_flops", "count_params", "RRDBEncoder",
+    "BuiltinPromptEncoder", "OpenClipTextEncoder", "prompt_from_layout",
+]
