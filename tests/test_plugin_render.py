@@ -1,0 +1,149 @@
+"""The render dock driven through its widgets, with a tiny model trained here for a few steps."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gui
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and do not fight other work for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny semantic model, trained 2 steps on procedural samples and saved by the engine."""
+    from nucsynth.checkpoint import save_checkpoint
+    from nucsynth.data.dataset import SampleDataset
+    from nucsynth.generate.tissue import procedural_sample
+    from nucsynth.models.semantic import SemanticModel
+
+    torch.manual_seed(0)
+    model = SemanticModel.from_preset("tiny", image_size=SIZE)
+    net = model.build_network()
+    ds = SampleDataset([procedural_sample((SIZE, SIZE), seed=s) for s in range(2)], maps=model.data_maps, augment=False)
+    batch = {k: torch.stack([ds[i][k] for i in range(len(ds))]) for k in ds[0]}
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        loss, _ = model.training_loss(net, batch, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, net, step=2)
+
+
+@pytest.fixture
+def dock(make_napari_viewer, qtbot, tiny_checkpoint):
+    from napari_nucsynth._layers import LayoutLayers
+    from napari_nucsynth._render import RenderWidget
+    from nucsynth.generate.layouts import random_layout
+
+    viewer = make_napari_viewer()
+    ctrl = LayoutLayers.show(viewer, random_layout((SIZE, SIZE), seed=1), "tile")
+    widget = RenderWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Render")
+    widget.ckpt_edit.setText(str(tiny_checkpoint))
+    widget._describe_checkpoint()
+    widget.steps_spin.setValue(4)
+    widget.seed_spin.setValue(7)
+    widget.ctrl = ctrl
+    yield widget
+    if widget.running:
+        widget.cancel()
+        qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+
+
+def test_render_adds_an_image_beside_the_layout(dock, qtbot) -> None:
+    assert dock.family_label.text().startswith("semantic")
+    assert dock.device_label.text().startswith(("CPU", "CUDA", "Apple"))
+    dock.run_btn.click()
+    assert dock.running and not dock.run_btn.isEnabled() and dock.cancel_btn.isEnabled()
+    qtbot.waitUntil(lambda: not dock.running, timeout=120000)
+    assert dock.run_btn.isEnabled()
+    layer = dock.viewer.layers["tile render"]
+    assert layer.data.shape == (SIZE, SIZE, 3) and layer.data.dtype == np.uint8
+    meta = layer.metadata["nucsynth"]
+    assert meta["seed"] == 7 and meta["model"] == "nucsynth.semantic/tiny" and meta["family"] == "semantic"
+    assert meta["steps"] == 4 and meta["checkpoint"] == dock.ckpt_edit.text()
+    assert layer.translate[1] >= SIZE  # beside the layout, not over it
+    assert [ly.name for ly in dock.viewer.layers][:3] == ["tile instances", "tile classes", "tile centroids"]
+
+
+def test_rerender_region_changes_only_the_edited_region(dock, qtbot) -> None:
+    from napari_nucsynth._render import edited_region
+
+    dock.run_btn.click()
+    qtbot.waitUntil(lambda: not dock.running, timeout=120000)
+    first = dock.viewer.layers["tile render"].data.copy()
+    before = dock.ctrl.layout()
+    dock.ctrl.instances.fill(tuple(np.argwhere(before.inst_map == 1)[0]), 0)  # delete nucleus 1
+    mask = edited_region(before, dock.ctrl.layout()) > 0
+    assert mask.any() and not mask.all()
+    dock.region_btn.click()
+    qtbot.waitUntil(lambda: not dock.running, timeout=120000)
+    second = dock.viewer.layers["tile render"].data
+    assert np.array_equal(second[~mask], first[~mask])
+    assert not np.array_equal(second[mask], first[mask])
+    assert dock.viewer.layers["tile render"].metadata["nucsynth"]["mode"] == "region"
+
+
+def test_cancel_stops_the_render(dock, qtbot) -> None:
+    dock.steps_spin.setValue(400)
+    dock.run_btn.click()
+    qtbot.waitUntil(lambda: dock.progress.value() >= 2, timeout=60000)
+    dock.cancel_btn.click()
+    qtbot.waitUntil(lambda: not dock.running, timeout=30000)
+    assert dock.progress.value() < 400
+    assert "tile render" not in dock.viewer.layers
+    assert dock.run_btn.isEnabled()
+
+
+def test_bad_checkpoint_is_a_notification_not_a_crash(dock, qtbot, tmp_path: Path) -> None:
+    bad = tmp_path / "no_such_model"
+    dock.ckpt_edit.setText(str(bad))
+    dock.run_btn.click()
+    assert not dock.running
+    assert dock.last_error and str(bad) in dock.last_error
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{ not json")
+    dock.ckpt_edit.setText(str(corrupt))
+    dock.run_btn.click()
+    assert not dock.running and "config.json" in dock.last_error
+    assert "tile render" not in dock.viewer.layers
+
+
+def test_main_thread_stays_responsive_while_rendering(dock, qtbot) -> None:
+    from qtpy.QtCore import QTimer
+
+    dock.steps_spin.setValue(12)
+    beats: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: beats.append(time.perf_counter()))
+    done: list[float] = []
+    timer.start()
+    dock.run_btn.click()
+    dock.worker.returned.connect(lambda *_: done.append(time.perf_counter()))
+    qtbot.waitUntil(lambda: bool(done), timeout=120000)
+    timer.stop()
+    during = [b for b in beats if b <= done[0]]
+    gaps = np.diff(during)
+    assert len(during) > 10
+    assert gaps.max() < 0.1, f"main thread blocked for {gaps.max() * 1000:.0f} ms"
+    qtbot.waitUntil(lambda: not dock.running, timeout=30000)
