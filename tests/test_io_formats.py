@@ -284,3 +284,21 @@ def test_single_mat_files(tmp_path):
     assert detect_format(mat) == "lizard"
     (s,) = read_source(mat)
     np.testing.assert_array_equal(s.layout.inst_map, inst // 10)
+
+
+def test_lizard_truncated_missing_image_and_point_rows(tmp_path):
+    folder, inst = make_lizard(tmp_path / "l")
+    mat = folder / "Lizard_Labels" / "Labels" / "crag_1.mat"
+    # a row whose id has no pixel stays as a point nucleus at its (x, y) centroid
+    sio.savemat(mat, {"inst_map": inst, "id": np.array([[10], [20], [30], [40]]), "class": np.array([[1], [2], [3], [4]]),
+                      "centroid": np.array([[12, 10], [30, 30], [36, 12], [5.5, 44.0]])})
+    (s,) = read_lizard(folder)
+    assert s.layout.num_nuclei == 4 and not (s.layout.inst_map == 4).any()
+    np.testing.assert_allclose(s.layout.centroids[3], (44.0, 5.5))
+    mat.write_bytes(mat.read_bytes()[:150])
+    with pytest.raises(FormatError, match=r"crag_1\.mat.*truncated"):
+        read_lizard(folder)
+    folder, _ = make_lizard(tmp_path / "m")
+    (folder / "Lizard_Images1" / "crag_1.png").unlink()
+    with pytest.raises(FormatError, match=r"crag_1\.mat.*no image"):
+        read_lizard(folder)
