@@ -277,8 +277,10 @@ def test_guidance_with_dict_conditions_and_errors():
     torch.testing.assert_close(out, x * torch.tensor([6.0, 9.0]).view(-1, 1, 1, 1))
     with pytest.raises(ValueError, match="same keys"):
         guided(net, cond, {"text": null["text"]}, 1.0, 1)(x, t)
-    with pytest.raises(ValueError, match=">= 0"):
-        guided(net, cond, null, -1.0, 1)
+    with pytest.raises(ValueError, match=">= -1"):
+        guided(net, cond, null, -1.5, 1)
+    # scale -1 is the unconditional model (co-synthesis w = 0)
+    torch.testing.assert_close(guided(net, cond, null, -1.0, 1)(x, t), torch.zeros_like(x))
 
 
 def test_paper_guidance_conventions():

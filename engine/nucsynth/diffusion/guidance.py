@@ -5,7 +5,8 @@ model. The papers write it differently; :func:`guidance_scale_from` converts:
 
 - SDM / DiffMix / NASDM: eps_u + s (eps_c - eps_u)        -> scale = s - 1 (s = 1.5 -> 0.5)
 - NuDiff:                (w + 1) eps_c - w eps_u          -> scale = w     (w = 2 -> 2)
-- co-synthesis:          w eps_c + (1 - w) eps_u          -> scale = w - 1 (w = 3 -> 2)
+- co-synthesis:          w eps_c + (1 - w) eps_u          -> scale = w - 1 (w = 3 -> 2;
+  EndoNuke's w = 0.5 -> -0.5, an interpolation towards the unconditional model)
 """
 
 from __future__ import annotations
@@ -82,11 +83,12 @@ def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels:
     One forward pass of the batch [x; x] with [cond; null_cond]; the first ``eps_channels``
     output channels are guided as eps_c + scale * (eps_c - eps_u); any further channels
     (learned variance, other heads) come from the conditional half. ``scale`` == 0 calls
-    ``net_fn`` once on the conditional batch only. ``cond`` / ``null_cond`` are tensors or
+    ``net_fn`` once on the conditional batch only; -1 <= scale < 0 interpolates towards the
+    unconditional model (co-synthesis' w < 1). ``cond`` / ``null_cond`` are tensors or
     (nested) dicts / tuples of tensors with the batch first; a null of batch 1 broadcasts.
     """
-    if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0 (0 = conditional model), got {scale}")
+    if scale < -1:
+        raise ValueError(f"guidance scale must be >= -1 (0 = conditional, -1 = unconditional model), got {scale}")
     if eps_channels < 1:
         raise ValueError(f"eps_channels must be >= 1, got {eps_channels}")
     if scale == 0:
