@@ -156,3 +156,11 @@ def test_split_groups_rules():
     assert set(split_groups(groups, 0.0, 0).values()) == {"train"}
     with pytest.raises(ValueError):
         split_groups(groups, 1.0, 0)
+
+
+def test_prepare_pad_none_with_small_sources_writes_nothing(tmp_path, capsys):
+    src = make_source(tmp_path / "src", n_tiles=1, size=64)
+    out = tmp_path / "s.zarr"
+    assert main(["prepare", str(src), str(out), "--patch-size", "100", "--pad", "none"]) == 2
+    assert "no patch of 100 px" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -158,3 +158,13 @@ def test_append_errors(tmp_path):
     assert len(DatasetStore.open(p)) == 2
     with pytest.raises(IndexError):
         DatasetStore.open(p)[2]
+
+
+def test_store_is_a_source(tmp_path):
+    from nucsynth.io import detect_format, read_source
+
+    samples = make_samples(3)
+    DatasetStore.create(tmp_path / "s.zarr", CONSEP_CLASSES).append(samples)
+    assert detect_format(tmp_path / "s.zarr") == "store"
+    for a, b in zip(samples, read_source(tmp_path / "s.zarr")):
+        assert_same(a, b)
