@@ -4,7 +4,12 @@ Uses the real CoNSeP labels when ../shared/data is present (patches with 30-50 n
 else generated disc layouts; the prediction is the truth with eroded borders, a few
 instances split and the ids shuffled (non-contiguous). Prints the median time per call.
 
-    python benchmarks/bench_metrics.py [--pairs 20] [--repeats 20]
+    python benchmarks/bench_metrics.py [--pairs 20] [--repeats 20] [--watersheds]
+
+``--watersheds`` also runs both watersheds on the truth-derived maps of every real CoNSeP
+patch: HV maps -> ``hv_watershed`` (reference defaults and the sharp-map setting) and
+centroids + distance map + mask -> ``point_watershed`` (vs. connected components), and
+prints PQ / mDice and the time per patch.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from typing import Callable
 import numpy as np
 import scipy.io as sio
 
+from scipy import ndimage as ndi
+
 from nucsynth import metrics as M
+from nucsynth import postprocess as P
 from nucsynth.layout import CONSEP_CLASSES, Layout, relabel_contiguous
 
 DATA = Path(os.environ.get("NUCSYNTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -73,10 +81,44 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+SHARP = P.SHARP_MAP_PARAMS
+
+
+def watershed_figures() -> None:
+    truths = [
+        Layout.from_inst_map(d["inst_map"].astype(np.int32), d["inst_type"].ravel())
+        for d in (sio.loadmat(p) for p in sorted((DATA / "consep256" / "Train" / "Labels").glob("*.mat")))
+    ]
+    print(f"\nwatersheds on the truth-derived maps of {len(truths)} real CoNSeP patches")
+    for name, params in (("hv_watershed, reference defaults", {}), ("hv_watershed, sharp-map setting", SHARP)):
+        t0 = time.perf_counter()
+        preds = [P.hv_watershed((t.inst_map > 0).astype(np.float32), t.hv_maps(), t.onehot(), **params) for t in truths]
+        ms = 1e3 * (time.perf_counter() - t0) / len(truths)
+        s = M.evaluate_set(truths, preds)
+        print(f"  {name:34s} PQ mean/image {s['mean']['pq']:.4f}  PQ pooled {s['aggregate']['pq']:.4f}  "
+              f"DQ {s['aggregate']['dq']:.4f}  SQ {s['aggregate']['sq']:.4f}  class acc {s['detection']['acc']:.4f}  "
+              f"{ms:.1f} ms/patch (incl. HV maps)")
+    d_pt, d_cc, t_pt, t_cc = [], [], [], []
+    t0 = time.perf_counter()
+    for t in truths:
+        out = P.point_watershed(t.distance_map(), t.inst_map > 0, Layout.from_points(t.shape, t.centroids, t.classes))
+        comp = ndi.label(t.inst_map > 0)[0]
+        a, b = M.mdice(t.inst_map, out.inst_map, per_instance=True), M.mdice(t.inst_map, comp, per_instance=True)
+        touch = M.touching_instances(t.inst_map) - 1
+        d_pt += list(a)
+        d_cc += list(b)
+        t_pt += list(a[touch])
+        t_cc += list(b[touch])
+    ms = 1e3 * (time.perf_counter() - t0) / len(truths)
+    print(f"  point_watershed mDice {np.mean(d_pt):.4f} (connected components {np.mean(d_cc):.4f}); "
+          f"on the {len(t_pt)} touching nuclei {np.mean(t_pt):.4f} ({np.mean(t_cc):.4f}); {ms:.1f} ms/patch")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--watersheds", action="store_true", help="also measure both watersheds on all real patches")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     truths = real_truths(args.pairs) if (DATA / "consep256").exists() else []
@@ -102,6 +144,10 @@ def main() -> None:
     for name, case in cases.items():
         ms = np.median([median_ms(lambda: case(i), args.repeats) for i in range(len(truths))])
         print(f"  {name:36s} {ms:7.2f} ms")
+    if args.watersheds:
+        if not (DATA / "consep256").exists():
+            raise SystemExit(f"--watersheds needs the real CoNSeP labels at {DATA / 'consep256'}")
+        watershed_figures()
 
 
 if __name__ == "__main__":

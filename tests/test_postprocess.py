@@ -14,9 +14,7 @@ from nucsynth import metrics as M
 from nucsynth import postprocess as P
 from nucsynth.layout import CONSEP_CLASSES, Layout
 
-# HoVer-Net's defaults are tuned for smooth predicted maps; for exact (truth-derived) maps a
-# smaller Sobel, a 3x3 opening and a lower marker floor keep small nuclei (docs/metrics.md).
-SHARP = dict(sobel_ksize=7, marker_threshold=0.5, open_ksize=3, marker_min_size=5)
+SHARP = P.SHARP_MAP_PARAMS  # for exact maps (docs/metrics.md)
 
 
 def touching_discs() -> Layout:

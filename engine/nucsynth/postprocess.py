@@ -31,7 +31,13 @@ __all__ = [
     "hv_energy",
     "hv_watershed",
     "point_watershed",
+    "SHARP_MAP_PARAMS",
 ]
+
+# hv_watershed settings for exact (truth-derived or near-exact sampled) HV maps: the
+# reference defaults are tuned for smooth predicted maps and lose small nuclei on exact
+# ones (measured on the 432 CoNSeP patches, docs/metrics.md: pooled PQ 0.893 -> 0.959).
+SHARP_MAP_PARAMS: dict[str, float] = {"sobel_ksize": 7, "marker_threshold": 0.5, "open_ksize": 3, "marker_min_size": 5}
 
 
 # ---------------------------------------------------------------------------- kernels
