@@ -43,6 +43,15 @@ def _inputs(cfg: UNetConfig, b: int = 2, size: int | None = None, seed: int = 0)
     return d
 
 
+@pytest.fixture(scope="module")
+def full_net() -> SpadeUNet:
+    """A tiny network with every optional input, all layers non-zero (shared: do not modify)."""
+    torch.manual_seed(0)
+    net = SpadeUNet(_tiny(context_dim=8, early_channels=5, late_channels=4))
+    _randomize_output(net)
+    return net
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_tiny_shapes_and_size(size: int) -> None:
     cfg = _tiny(size)
@@ -50,13 +59,16 @@ def test_tiny_shapes_and_size(size: int) -> None:
     assert 0.5e6 <= count_params(net) <= 1.5e6
     out = net(**_inputs(cfg))
     assert out.shape == (2, 6, size, size)
+    assert torch.count_nonzero(out) == 0  # zero-initialized output conv
 
 
-def test_base_shapes_small() -> None:
-    cfg = unet_preset("base", 32, 3, 6, 6)
-    net = SpadeUNet(cfg)
-    out = net(**_inputs(cfg, b=1))
-    assert out.shape == (1, 6, 32, 32)
+@pytest.mark.parametrize("size", [64, 256])
+def test_base_shapes_on_meta(size: int) -> None:
+    cfg = unet_preset("base", size, 3, 6, 6)
+    with torch.device("meta"):
+        net = SpadeUNet(cfg)
+        out = net(**{k: v.to("meta") for k, v in _inputs(cfg, b=1).items()})
+    assert out.shape == (1, 6, size, size)
 
 
 @pytest.mark.parametrize("size", [128, 256])
@@ -86,18 +98,8 @@ def test_paper_matches_reference_scale_and_base_is_a_tenth() -> None:
     assert flops["base"] / flops["paper"] <= 0.1
 
 
-def test_zero_init_output() -> None:
-    cfg = _tiny()
-    net = SpadeUNet(cfg)
-    out = net(**_inputs(cfg))
-    assert torch.count_nonzero(out) == 0
-
-
-def test_encoder_never_sees_cond() -> None:
-    torch.manual_seed(0)
-    cfg = _tiny()
-    net = SpadeUNet(cfg)
-    _randomize_output(net)
+def test_encoder_never_sees_cond(full_net: SpadeUNet) -> None:
+    net, cfg = full_net, full_net.config
     acts: list[torch.Tensor] = []
     hooks = [m[-1].register_forward_hook(lambda _m, _i, o: acts.append(o.detach().clone())) for m in net.encoder]
     inp = _inputs(cfg)
@@ -116,10 +118,8 @@ def test_encoder_never_sees_cond() -> None:
     assert sum(isinstance(m, SPADE) for m in net.decoder.modules()) >= 2 * len(net.decoder)
 
 
-def test_cond_gradient_does_not_reach_encoder() -> None:
-    cfg = _tiny()
-    net = SpadeUNet(cfg)
-    _randomize_output(net)
+def test_cond_gradient_does_not_reach_encoder(full_net: SpadeUNet) -> None:
+    net, cfg = full_net, full_net.config
     inp = _inputs(cfg)
     cond = inp["cond"].requires_grad_(True)
     skips: list[torch.Tensor] = []
@@ -150,18 +150,15 @@ def test_determinism() -> None:
         assert ka == kb and torch.equal(va, vb)
     _randomize_output(a)
     _randomize_output(b)
-    inp = _inputs(cfg)
+    inp = _inputs(cfg, b=1)
     assert torch.equal(a(**inp), b(**inp))
     assert torch.equal(a(**inp), a(**inp))
 
 
 @pytest.mark.parametrize("which", ["cond", "context", "early", "late", "t"])
-def test_every_input_path_changes_output(which: str) -> None:
-    torch.manual_seed(0)
-    cfg = _tiny(context_dim=8, early_channels=5, late_channels=4)
-    net = SpadeUNet(cfg)
-    _randomize_output(net)
-    inp = _inputs(cfg)
+def test_every_input_path_changes_output(which: str, full_net: SpadeUNet) -> None:
+    net, cfg = full_net, full_net.config
+    inp = _inputs(cfg, b=1)
     g = torch.Generator().manual_seed(9)
     other = dict(inp)
     if which == "t":
@@ -182,16 +179,13 @@ def test_unconditional_config() -> None:
         net(**inp, cond=torch.zeros(2, 6, 32, 32))
 
 
-def test_cond_any_resolution_and_scalar_t() -> None:
-    torch.manual_seed(0)
-    cfg = _tiny()
-    net = SpadeUNet(cfg)
-    _randomize_output(net)
-    x = torch.randn(2, 3, 32, 32)
+def test_cond_any_resolution_and_scalar_t(full_net: SpadeUNet) -> None:
+    inp = _inputs(full_net.config)
     cond_small = torch.randn(2, 6, 16, 16)
     cond_up = torch.nn.functional.interpolate(cond_small, size=(32, 32), mode="nearest")
-    t = torch.tensor(10)
-    torch.testing.assert_close(net(x, t, cond_small), net(x, t.expand(2), cond_up))
+    a = full_net(**dict(inp, t=torch.tensor(10), cond=cond_small))
+    b = full_net(**dict(inp, t=torch.tensor([10, 10]), cond=cond_up))
+    torch.testing.assert_close(a, b)
 
 
 def test_input_errors() -> None:
@@ -237,7 +231,7 @@ def test_checkpointing_same_result() -> None:
     _randomize_output(a)
     b = SpadeUNet(UNetConfig.from_dict({**cfg.to_dict(), "checkpointing": True}))
     b.load_state_dict(a.state_dict())
-    inp = _inputs(cfg)
+    inp = _inputs(cfg, b=1)
     la, lb = a(**inp).square().mean(), b(**inp).square().mean()
     la.backward()
     lb.backward()
@@ -272,3 +266,18 @@ def test_count_flops_linear_on_meta() -> None:
         x = torch.randn(3, 10)
     assert count_flops(lin, x) == 2 * 3 * 10 * 7
     assert count_params(lin) == 77
+
+
+def test_bench_models_script(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--size", "64", "--presets", "tiny,base", "--batch", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | 1.35 |" in out and "base / paper" not in out
+    with pytest.raises(SystemExit):
+        mod.main(["--measure", "speed"])
