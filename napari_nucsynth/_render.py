@@ -17,7 +17,7 @@ import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 import numpy as np
 
@@ -27,6 +27,7 @@ __all__ = [
     "MODES",
     "RenderParams",
     "RenderCancelled",
+    "engine_steps",
     "render_steps",
     "edited_region",
     "load_model",
@@ -99,16 +100,13 @@ def edited_region(before: Layout, after: Layout, margin: int = REGION_MARGIN) ->
     return diff.astype(np.float32)
 
 
-def render_steps(
-    model: Any,
-    layout: Layout,
-    params: RenderParams,
-    init_image: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    cancel: threading.Event | None = None,
-) -> Generator[tuple[int, int], None, Sample | None]:
-    """Yield ``(step, total)`` while the engine renders ``layout``; return the Sample, or
-    None when ``cancel`` was set (the engine stops after its current step)."""
+def engine_steps(
+    call: Callable[[Callable[[int, int], None]], Any], cancel: threading.Event | None = None
+) -> Generator[tuple[int, int], None, Any]:
+    """Run ``call(progress)`` (an engine function taking a ``progress(i, n)`` callback) in a
+    helper thread; yield each ``(i, n)`` it reports and return its result, or None when
+    ``cancel`` was set (the engine stops after its current step). Its errors are re-raised
+    here. Closing the generator early cancels the engine too."""
     cancel = cancel or threading.Event()
     events: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
@@ -120,29 +118,15 @@ def render_steps(
 
     def run() -> None:
         try:
-            kwargs: dict[str, Any] = {}
-            if params.mode in ("restyle", "region"):
-                if init_image is None:
-                    raise ValueError(f"mode {params.mode!r} needs an image to start from")
-                kwargs["init_image"] = init_image
-            if params.mode == "restyle":
-                kwargs["strength"] = params.strength
-            if params.mode == "region":
-                if mask is None:
-                    raise ValueError("mode 'region' needs the mask of the edited region")
-                kwargs["mask"] = mask
-            outcome["samples"] = model.sample(
-                layout, steps=params.steps, guidance=params.guidance, seed=params.seed,
-                sampler=params.sampler, progress=progress, **kwargs,
-            )
+            outcome["result"] = call(progress)
         except RenderCancelled:
             outcome["cancelled"] = True
-        except BaseException as e:  # handed to the caller's thread below
+        except BaseException as e:  # handed to the consumer's thread below
             outcome["error"] = e
         finally:
             events.put(None)
 
-    thread = threading.Thread(target=run, name="nucsynth-render", daemon=True)
+    thread = threading.Thread(target=run, name="nucsynth-engine", daemon=True)
     thread.start()
     try:
         while True:
@@ -158,7 +142,37 @@ def render_steps(
         raise outcome["error"]
     if outcome.get("cancelled"):
         return None
-    return outcome["samples"][0]
+    return outcome["result"]
+
+
+def render_steps(
+    model: Any,
+    layout: Layout,
+    params: RenderParams,
+    init_image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    cancel: threading.Event | None = None,
+) -> Generator[tuple[int, int], None, Sample | None]:
+    """Yield ``(step, total)`` while the engine renders ``layout``; return the Sample, or
+    None when ``cancel`` was set."""
+    kwargs: dict[str, Any] = {}
+    if params.mode in ("restyle", "region"):
+        if init_image is None:
+            raise ValueError(f"mode {params.mode!r} needs an image to start from")
+        kwargs["init_image"] = init_image
+    if params.mode == "restyle":
+        kwargs["strength"] = params.strength
+    if params.mode == "region":
+        if mask is None:
+            raise ValueError("mode 'region' needs the mask of the edited region")
+        kwargs["mask"] = mask
+
+    def call(progress: Callable[[int, int], None]) -> list[Sample]:
+        return model.sample(layout, steps=params.steps, guidance=params.guidance, seed=params.seed,
+                            sampler=params.sampler, progress=progress, **kwargs)
+
+    samples = yield from engine_steps(call, cancel)
+    return None if samples is None else samples[0]
 
 
 def render_metadata(sample: Sample, params: RenderParams, layout_name: str, family: str) -> dict[str, Any]:
@@ -378,7 +392,8 @@ class RenderWidget(QWidget):
         self._cancel = threading.Event()
         self.progress.setRange(0, params.steps)
         self.progress.setValue(0)
-        worker = create_worker(self._job, params, layout, init, mask, self._cancel, _start_thread=False)
+        worker = create_worker(self._job, params, layout, init, mask, self._cancel,
+                               _start_thread=False, _ignore_errors=True)  # errors go to _on_error
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda sample: self._on_done(sample, ctrl, layout, params))
         worker.errored.connect(self._on_error)

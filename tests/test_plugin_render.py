@@ -113,7 +113,7 @@ def test_cancel_stops_the_render(dock, qtbot) -> None:
     assert dock.run_btn.isEnabled()
 
 
-def test_bad_checkpoint_is_a_notification_not_a_crash(dock, qtbot, tmp_path: Path) -> None:
+def test_bad_checkpoint_is_a_notification_not_a_crash(dock, qtbot, tmp_path: Path, tiny_checkpoint: Path) -> None:
     bad = tmp_path / "no_such_model"
     dock.ckpt_edit.setText(str(bad))
     dock.run_btn.click()
@@ -125,6 +125,16 @@ def test_bad_checkpoint_is_a_notification_not_a_crash(dock, qtbot, tmp_path: Pat
     dock.ckpt_edit.setText(str(corrupt))
     dock.run_btn.click()
     assert not dock.running and "config.json" in dock.last_error
+    # a config that reads but weights that do not: the worker fails, the dock reports it
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "ema.safetensors").write_bytes(b"\x00" * 16)
+    dock.ckpt_edit.setText(str(broken))
+    dock.run_btn.click()
+    qtbot.waitUntil(lambda: not dock.running, timeout=60000)
+    assert "ema.safetensors" in dock.last_error and dock.run_btn.isEnabled()
     assert "tile render" not in dock.viewer.layers
 
 
