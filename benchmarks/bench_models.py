@@ -60,19 +60,20 @@ def measure_flops(preset: str, size: int, device: str, batch: int) -> dict[str, 
 
 
 def _activation_bytes(net: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
-    """Bytes of the tensors autograd saves for backward (parameters excluded)."""
+    """Bytes of the distinct tensors autograd saves for backward (parameters excluded)."""
     params = {id(p) for p in net.parameters()}
-    total = 0
+    sizes: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
+        # A tensor saved by several ops (e.g. by an activation and the next conv) counts once.
         if id(t) not in params:
-            total += t.numel() * t.element_size()
+            sizes[id(t)] = t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(*args)
-    return total
+        out = net(*args)  # keeps the graph, hence the saved tensors and their ids, alive
+    del out
+    return sum(sizes.values())
 
 
 def measure_memory(preset: str, size: int, device: str, batch: int) -> dict[str, str]:
