@@ -11,7 +11,7 @@ import torch
 
 from nucsynth.layout import CONSEP_CLASSES, PANNUKE_CLASSES, Layout
 from nucsynth.nets import BuiltinPromptEncoder, OpenClipTextEncoder, prompt_from_layout
-from nucsynth.nets.text import PROMPT_TEMPLATE, format_prompt, parse_prompt, plip_to_open_clip
+from nucsynth.nets.text import PROMPT_TEMPLATE, format_prompt, parse_prompt, plip_to_open_clip, resolve_weights_path
 
 
 def _layout(classes: list[int]) -> Layout:
@@ -83,6 +83,16 @@ def test_openclip_missing_path(tmp_path: Path) -> None:
     missing.mkdir()
     with pytest.raises(FileNotFoundError, match="no single weights file"):
         OpenClipTextEncoder(missing)
+
+
+def test_weights_path_from_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="models--vinid--plip"):
+        resolve_weights_path("vinid/plip")
+    snap = tmp_path / "hub" / "models--vinid--plip" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert resolve_weights_path("vinid/plip") == snap
+    assert resolve_weights_path(str(snap)) == snap
 
 
 @pytest.fixture(scope="module")

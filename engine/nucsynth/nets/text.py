@@ -18,6 +18,7 @@ Two encoders map prompts to vectors (B, dim) for the U-Net's ``context`` input:
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "BuiltinPromptEncoder",
     "OpenClipTextEncoder",
     "plip_to_open_clip",
+    "resolve_weights_path",
 ]
 
 PROMPT_TEMPLATE = "high-quality histopathology {tissue} tissue image including nuclei types of {types}"
@@ -215,9 +217,39 @@ _OBTAIN = (
 )
 
 
+def _hub_cache_dirs() -> list[Path]:
+    """Where the Hugging Face hub keeps downloaded repositories (HF_HUB_CACHE, HF_HOME/hub,
+    ~/.cache/huggingface/hub), in that order of precedence."""
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """A local weights file/folder: ``path`` itself if it exists, else, for a repository id
+    such as ``vinid/plip`` or ``wisdomik/QuiltNet-B-32``, the newest snapshot of it in the
+    Hugging Face cache (nothing is downloaded). Raises FileNotFoundError naming every place
+    looked at and how to obtain the weights."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    looked = [str(p)]
+    parts = str(path).strip("/").split("/")
+    if len(parts) == 2 and all(parts):
+        for cache in _hub_cache_dirs():
+            snaps = cache / f"models--{parts[0]}--{parts[1]}" / "snapshots"
+            looked.append(str(snaps))
+            found = sorted(snaps.glob("*"), key=lambda q: q.stat().st_mtime) if snaps.is_dir() else []
+            if found:
+                return found[-1]
+    raise FileNotFoundError(f"text encoder weights not found (looked at: {', '.join(looked)}); {_OBTAIN}")
+
+
 def _weights_file(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"text encoder weights not found: {path} does not exist; {_OBTAIN}")
     if path.is_file():
         return path
     for name in _WEIGHT_FILES:
@@ -295,7 +327,8 @@ class OpenClipTextEncoder:
     """Frozen CLIP text tower (QuiltNet or PLIP) from a local path -> normalized (B, dim) features.
 
     ``path``: a weights file (``.safetensors``, ``.bin``, ``.pt``) or a folder holding one
-    (e.g. a downloaded Hugging Face repository). The format is detected from the keys:
+    (e.g. a downloaded Hugging Face repository), or a repository id (``vinid/plip``) already
+    in the local Hugging Face cache (see :func:`resolve_weights_path`). The format is detected from the keys:
     open_clip (QuiltNet) or transformers CLIP (PLIP, mapped with :func:`plip_to_open_clip`).
     ``arch``: the open_clip architecture (both PLIP and QuiltNet-B-32 are
     ``ViT-B-32-quickgelu``). Not an ``nn.Module``: its weights are frozen and stay out of
@@ -304,7 +337,7 @@ class OpenClipTextEncoder:
     """
 
     def __init__(self, path: str | Path, arch: str = "ViT-B-32-quickgelu", device: str | torch.device = "cpu") -> None:
-        self.path, self.arch = Path(path), arch
+        self.path, self.arch = resolve_weights_path(path), arch
         file = _weights_file(self.path)
         sd = _load_state_dict(file)
         if any(k.startswith("text_model.") for k in sd):

@@ -151,7 +151,7 @@ def unet_preset(
     """The U-Net configuration of preset ``name`` for ``image_size`` px inputs.
 
     - ``tiny``: ~1.4 M parameters at 64 px, for CPU tests and demos (attention only at 16 px).
-    - ``base``: the shipped default; at 256 px it costs about 1/17 of ``paper``'s FLOPs per
+    - ``base``: the shipped default; at 256 px it costs 0.086 of ``paper``'s FLOPs per
       forward pass and trains on a 24 GB GPU (see docs/models.md for measured figures).
     - ``paper``: the SDM reference scale (256 base channels, 2 res-blocks per level,
       attention at 32/16/8 px with 64 channels per head, res-block up/down).
