@@ -39,6 +39,7 @@ __all__ = [
     "find_checkpoint",
     "list_checkpoints",
     "resolve_checkpoint",
+    "export_checkpoint",
     "default_checkpoint_dir",
     "cache_checkpoint_dir",
     "write_json_atomic",
@@ -376,6 +377,24 @@ def load_training_state(
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: optimizer state does not fit this model: {e}") from None
     return state, _load_tensors(ckpt / RNG, "cpu")
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """A compact copy of a checkpoint for sampling: ``config.json`` + ``ema.safetensors``.
+
+    ``src`` may be a run folder (its newest checkpoint is taken). The weights are validated
+    against the config before anything is written; ``dst`` is written atomically and an
+    existing one is replaced only with ``overwrite``.
+    """
+    ckpt = find_checkpoint(src)
+    model, net = load_checkpoint(ckpt)  # validates config and weights
+    cfg = read_config(ckpt)
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
+    save_checkpoint(dst, model, net, step=int(cfg.get("step", 0)), train_config=cfg.get("train"),
+                    data=cfg.get("data"), raw_weights=False)
+    return dst
 
 
 # ---------------------------------------------------------------------- default resolution

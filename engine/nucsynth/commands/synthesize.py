@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"partial noising of the real image, 0-1 (default: {DIFFMIX_STRENGTH} for balance/enlarge, none for layout)")
     p.add_argument("--target-share", type=float, default=None,
                    help="balance: share of the rare class to reach per patch (default: replace as many as fit)")
+    p.add_argument("--border", type=int, default=30,
+                   help="balance: nuclei with a centroid closer than this to the edge are kept (default 30 px, as DiffMix)")
     p.add_argument("--enlarge-fraction", type=float, default=0.5, help="enlarge: share of nuclei moved (default 0.5)")
     p.add_argument("--max-shift", type=int, default=3, help="enlarge: largest shift in px (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of edits and sampling (default: 0)")
@@ -89,7 +91,7 @@ def _edit(samples: Sequence[Any], args: argparse.Namespace) -> list[Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BalanceWarning)  # the reports below say what was reached
-        out, reports = balance_dataset(lays, target_share=args.target_share, seed=args.seed)
+        out, reports = balance_dataset(lays, target_share=args.target_share, seed=args.seed, border=args.border)
     reached = sum(bool(r.reached) for r in reports)
     print(f"balance: target reached in {reached}/{len(reports)} patches", file=sys.stderr)
     return out

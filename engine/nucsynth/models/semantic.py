@@ -245,10 +245,10 @@ class SemanticModel(ModelFamily):
     def preview(self, net, batch, seed=0):
         """Samples for the batch's label maps: 10 DPM-Solver++ steps, no guidance."""
         cond = self.batch_condition(batch)
-        return to_uint8(self._sample_tensor(net, cond, steps=10, guidance=0.0, seed=seed, sampler="dpm++2m"))
+        return to_uint8(self.sample_tensor(net, cond, steps=10, guidance=0.0, seed=seed, sampler="dpm++2m"))
 
     # ------------------------------------------------------------------ sampling
-    def _sample_tensor(
+    def sample_tensor(
         self,
         net: torch.nn.Module,
         cond: torch.Tensor,
@@ -261,6 +261,8 @@ class SemanticModel(ModelFamily):
         mask: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] for condition maps ``cond`` (B, K+2, H, W) with
+        ``net`` (e.g. the all-zero null condition); :meth:`sample` wraps it for Layouts."""
         from nucsynth.diffusion import guided, sample
 
         dev = next(net.parameters()).device
@@ -330,7 +332,7 @@ class SemanticModel(ModelFamily):
         m = None if mask is None else _mask_tensor(mask, len(lays), shape)
         if init is None and (strength is not None or m is not None):
             raise ValueError("strength and mask need an init_image (the real image to start from)")
-        x = self._sample_tensor(self.net, self.condition(lays), int(steps), float(guidance), int(seed), sampler,
+        x = self.sample_tensor(self.net, self.condition(lays), int(steps), float(guidance), int(seed), sampler,
                                 init, strength, m, progress)
         images = to_uint8(x)
         prov = {
