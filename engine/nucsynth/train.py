@@ -143,12 +143,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did: steps reached, the last checkpoint, the log file."""
+    """What :func:`train` did: steps reached, the last checkpoint, the log file, this
+    session's losses, and the trained raw and EMA networks (of this process)."""
 
     step: int
     checkpoint: Path | None
     log: Path
     losses: list[float] = field(default_factory=list)
+    net: torch.nn.Module | None = None
+    ema: torch.nn.Module | None = None
 
 
 # ---------------------------------------------------------------------- distributed
@@ -428,7 +431,7 @@ def _train(
     finally:
         if log_fh is not None:
             log_fh.close()
-    return TrainResult(step=step, checkpoint=last_ckpt, log=out / LOG_NAME, losses=losses)
+    return TrainResult(step=step, checkpoint=last_ckpt, log=out / LOG_NAME, losses=losses, net=net, ema=ema)
 
 
 def _family_log_keys(model: ModelFamily) -> tuple[str, ...]:
