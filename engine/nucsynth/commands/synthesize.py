@@ -120,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint)
     model, _ = load_checkpoint(ckpt, device=device)
-    if not hasattr(model, "sample"):
-        raise ValueError(f"checkpoint {ckpt} is a {model.name!r} model, which does not render layouts")
+    if model.name != "semantic":
+        raise ValueError(f"checkpoint {ckpt} holds a {model.name!r} model; synthesize renders label maps "
+                         "with a 'semantic' model")
     samples = _read_layout_source(args.layouts, args.split, args.limit)
     if not samples:
         raise ValueError(f"--layouts {args.layouts} holds no samples")
