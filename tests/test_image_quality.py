@@ -323,3 +323,27 @@ def test_segmenter_feature_distance():
         iq.segmenter_feature_distance([base[0], base[1][:40]], other, enc)
     with pytest.raises(ValueError, match="uint8"):
         iq.segmenter_feature_distance(base.astype(np.float32), other, enc)
+
+
+def test_matches_pytorch_fid(outputs, weights_dir, tmp_path, monkeypatch):
+    """Same weights -> same pool3 features and Frechet distance as pytorch-fid (optional
+    independent reference; it finds our test weights in the torch hub cache, no download)."""
+    pytest.importorskip("pytorch_fid")
+    inc._torchvision_inception()  # the CPU-safe torchvision import, before pytorch-fid imports it
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from pytorch_fid.inception import InceptionV3
+
+    _, out, sets = outputs
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    os.symlink(weights_dir / inc.WEIGHTS_FILE, tmp_path / "hub" / "checkpoints" / inc.WEIGHTS_FILE)
+    ref = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.from_numpy(sets["mild"]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        ref_feats = ref(x)[0].flatten(1).double().numpy()
+    ours = out["mild"][0]
+    assert np.allclose(ours, ref_feats, rtol=1e-4, atol=1e-5 * np.abs(ref_feats).max())
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(40, 16)), rng.normal(size=(30, 16)) * 1.5 + 0.3
+    stats = (*iq.gaussian_stats(a), *iq.gaussian_stats(b))
+    assert iq.frechet_distance(*stats) == pytest.approx(calculate_frechet_distance(*stats), rel=1e-9)
