@@ -58,10 +58,15 @@ class SemanticConfig:
     learned_variance: bool = True
     vb_weight: float = 0.001
     edges: bool = True
+    #: "layout": one-hot classes + edges (SDM/NASDM/DiffMix); "structure": NuDiff stage 2,
+    #: the 3 structure channels (mask in [-1, 1], H, V) of nucsynth.models.structure
+    condition: str = "layout"
 
     @property
     def cond_channels(self) -> int:
-        """One-hot classes with background (K + 1), plus the edge channel."""
+        """One-hot classes with background (K + 1), plus the edge channel; or 3 (structure)."""
+        if self.condition == "structure":
+            return 3
         return self.class_set.num_classes + 1 + int(self.edges)
 
     @classmethod
@@ -83,13 +88,16 @@ class SemanticConfig:
         if unknown:
             raise ValueError(f"unknown semantic config option(s) {sorted(unknown)}")
         edges = bool(overrides.get("edges", True))
+        condition = str(overrides.get("condition", "layout"))
+        if condition not in ("layout", "structure"):
+            raise ValueError(f"semantic condition must be 'layout' or 'structure', got {condition!r}")
         learned = bool(overrides.get("learned_variance", True))
         net = unet_preset(
             name,
             image_size,
             in_channels=3,
             out_channels=6 if learned else 3,
-            cond_channels=class_set.num_classes + 1 + int(edges),
+            cond_channels=3 if condition == "structure" else class_set.num_classes + 1 + int(edges),
         )
         kw = {"preset": name, "image_size": image_size, "class_set": class_set, "network": net.to_dict()}
         kw.update(overrides)
@@ -110,6 +118,7 @@ class SemanticConfig:
                 "vb_weight": self.vb_weight,
             },
             "edges": self.edges,
+            "condition": self.condition,
         }
 
     @classmethod
@@ -127,6 +136,7 @@ class SemanticConfig:
             learned_variance=bool(diff.get("learned_variance", True)),
             vb_weight=float(diff.get("vb_weight", 0.001)),
             edges=bool(d.get("edges", True)),
+            condition=str(d.get("condition", "layout")),
         )
 
 
@@ -183,6 +193,8 @@ class SemanticModel(ModelFamily):
     # ------------------------------------------------------------------ ModelFamily
     @property
     def data_maps(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self.config.condition == "structure":
+            return ("mask", "hv")
         return ("onehot", "edge") if self.config.edges else ("onehot",)
 
     @classmethod
@@ -203,7 +215,11 @@ class SemanticModel(ModelFamily):
         return SpadeUNet(UNetConfig.from_dict(self.config.network))
 
     def batch_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The condition map (B, K+2, H, W) of a ``SampleDataset`` batch."""
+        """The condition map (B, K+2, H, W) of a ``SampleDataset`` batch (structure: (B, 3, H, W))."""
+        if self.config.condition == "structure":
+            from nucsynth.models.structure import StructureModel
+
+            return StructureModel.batch_structure(batch)
         parts = [batch["onehot"]] + ([batch["edge"]] if self.config.edges else [])
         cond = torch.cat(parts, dim=1)
         if cond.shape[1] != self.config.cond_channels:
@@ -214,7 +230,12 @@ class SemanticModel(ModelFamily):
         return cond
 
     def condition(self, layouts: Sequence[Layout]) -> torch.Tensor:
-        """The condition maps (B, K+2, H, W) of Layouts (one-hot classes + instance edges)."""
+        """The condition maps (B, K+2, H, W) of Layouts (one-hot classes + instance edges),
+        or (B, 3, H, W) structures (mask, H, V) with ``condition="structure"``."""
+        if self.config.condition == "structure":  # class-free: any class set
+            from nucsynth.models.structure import structure_from_layout
+
+            return torch.from_numpy(np.stack([structure_from_layout(lay) for lay in layouts]))
         maps = []
         for i, lay in enumerate(layouts):
             if lay.class_set.num_classes != self.class_set.num_classes:
