@@ -1,0 +1,132 @@
+"""``nucsynth segmenter``: train and evaluate the compact HoVer-Net-style segmenter.
+
+    nucsynth segmenter train --data STORE --preset tiny --out DIR [--split train]
+    nucsynth segmenter evaluate --model DIR --data STORE [--split val] [--json OUT.json]
+
+The model folder holds ``model.safetensors`` + ``segmenter.json``
+(:mod:`nucsynth.evaluate.segmenter`); evaluation prints Dice, AJI, PQ, F_d, accuracy and
+per-class F1 (:func:`nucsynth.metrics.evaluate_set`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+NAME = "segmenter"
+HELP = "Train / evaluate the HoVer-Net-style nuclei segmenter (NP, HV and type branches + HV watershed)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Sub-commands ``train`` and ``evaluate``."""
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a segmenter on a store split")
+    t.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
+    t.add_argument("--split", default="train", help="split to train on (default: train; 'all' = every patch)")
+    t.add_argument("--preset", default="tiny", choices=("tiny", "base"), help="network size (default: tiny)")
+    t.add_argument("--out", type=Path, required=True, help="model folder to write")
+    t.add_argument("--steps", type=int, help="training steps (preset default)")
+    t.add_argument("--batch-size", type=int, help="batch size (preset default)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (preset default)")
+    t.add_argument("--crop", type=int, help="training crop in px (preset default)")
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation (default 0)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    e = sub.add_parser("evaluate", help="segment a store split and score it against its labels")
+    e.add_argument("--model", type=Path, required=True, help="model folder written by 'segmenter train'")
+    e.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
+    e.add_argument("--split", default="val", help="split to evaluate (default: val; 'all' = every patch)")
+    e.add_argument("--json", type=Path, help="also write the full results (per class, per image) as JSON")
+    e.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+
+
+def load_split(path: Path, split: str) -> Sequence[Any]:
+    """The samples of one split of a store (``'all'`` = the whole store)."""
+    from nucsynth.data.dataset import split_source
+    from nucsynth.io.store import DatasetStore
+
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    store = DatasetStore.open(path)
+    if split == "all":
+        return store
+    idx = store.indices(split)
+    if len(idx) == 0:
+        raise ValueError(f"store {path} has no patches in split {split!r}; splits present: {sorted(set(store.splits.tolist()))}")
+    return split_source(store, idx)
+
+
+def json_safe(x: Any) -> Any:
+    """NaN -> None (strict JSON), numpy scalars -> Python numbers, recursively."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    from nucsynth.checkpoint import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json_safe(obj))
+
+
+def summary_line(res: dict[str, Any]) -> str:
+    m, a, d = res["mean"], res["aggregate"], res["detection"]
+    f1 = " ".join(f"{k}={v:.3f}" for k, v in d["f1"].items())
+    return (f"Dice {m['dice']:.4f}  AJI {m['aji']:.4f}  DQ {m['dq']:.4f}  SQ {m['sq']:.4f}  PQ {m['pq']:.4f} "
+            f"(pooled {a['pq']:.4f})  F_d {d['f_d']:.4f}  acc {d['acc']:.4f}  F1: {f1}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nucsynth.device import pick_device
+    from nucsynth.evaluate.segmenter import save_segmenter, segmenter_preset, train_segmenter
+
+    data = load_split(args.data, args.split)
+    class_set = data[0].layout.class_set
+    config = segmenter_preset(args.preset, class_set.num_classes, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, crop=args.crop)
+    device = pick_device(args.device)
+    every = max(1, config.steps // 20)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            print(f"step {step}/{steps}  loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    net, log = train_segmenter(data, config, seed=args.seed, device=device, progress=progress)
+    extra = {"data": str(args.data.resolve()), "split": args.split, "count": len(data), "seed": args.seed,
+             "preset": args.preset, "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"]}
+    save_segmenter(args.out, net, class_set, extra)
+    print(f"segmenter written to {args.out} (loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nucsynth.device import pick_device
+    from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
+    from nucsynth.metrics import evaluate_set
+
+    device = pick_device(args.device)
+    net, class_set, _ = load_segmenter(args.model, device)
+    data = load_split(args.data, args.split)
+    samples = list(data)
+    preds = predict_layouts(net, [s.image for s in samples], class_set, device=device)
+    res = evaluate_set([s.layout for s in samples], preds)
+    print(f"{len(samples)} patches of {args.data} ({args.split}): {summary_line(res)}")
+    if args.json is not None:
+        write_json(args.json, {"model": str(args.model), "data": str(args.data), "split": args.split, **res})
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``train`` / ``evaluate``."""
+    return _train(args) if args.action == "train" else _evaluate(args)

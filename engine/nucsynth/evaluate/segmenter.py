@@ -1,0 +1,366 @@
+"""A compact HoVer-Net-style nuclei segmenter: the yardstick of the downstream protocol.
+
+One shared convolutional encoder feeds three U-Net decoders (Graham et al. 2019): the
+nucleus-pixel branch (NP, 2 logits), the horizontal/vertical distance branch (HV, 2 maps in
+[-1, 1]) and the type branch (TP, K + 1 logits, channel 0 = background). Losses as in
+HoVer-Net: cross-entropy + soft Dice for NP and TP, MSE + mean squared gradient error
+(MSGE, inside nuclei, 5-tap Sobel) for HV. Predictions go through
+:func:`nucsynth.postprocess.hv_watershed` to a Layout.
+
+Weights are stored as ``model.safetensors`` + ``segmenter.json`` (config, class set, training
+log) in one folder, written atomically; never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nucsynth.layout import ClassSet, Layout, Sample
+from nucsynth.postprocess import hv_watershed
+
+__all__ = [
+    "SegmenterConfig",
+    "PRESETS",
+    "segmenter_preset",
+    "HoVerSegmenter",
+    "segmenter_loss",
+    "train_segmenter",
+    "predict_layouts",
+    "save_segmenter",
+    "load_segmenter",
+]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "segmenter.json"
+FORMAT = "nucsynth-segmenter"
+
+
+@dataclass
+class SegmenterConfig:
+    """Architecture and training options of the segmenter (JSON-friendly)."""
+
+    num_classes: int  # K real classes; the TP branch has K + 1 outputs
+    widths: tuple[int, ...] = (16, 32, 64)  # encoder channels per level (each level halves H, W)
+    blocks: int = 1  # residual blocks per level
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    crop: int | None = 128  # training crop (None = whole patches)
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"np_ce": 1.0, "np_dice": 1.0, "hv_mse": 1.0, "hv_msge": 1.0, "tp_ce": 1.0, "tp_dice": 1.0}
+    )
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not self.widths or min(self.widths) < 4:
+            raise ValueError(f"widths must be a non-empty list of channel counts >= 4, got {self.widths}")
+        if self.crop is not None and self.crop % (2 ** (len(self.widths) - 1)):
+            raise ValueError(f"crop {self.crop} must be divisible by {2 ** (len(self.widths) - 1)} for {len(self.widths)} levels")
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this (padding handles the rest)."""
+        return 2 ** (len(self.widths) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"invalid segmenter config {d}: {e}") from None
+
+
+# tiny: minutes on a laptop CPU; base: a GPU model closer to HoVer-Net's capacity.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"widths": (16, 32, 64), "blocks": 1, "steps": 300, "batch_size": 4, "lr": 2e-3, "crop": 128},
+    "base": {"widths": (32, 64, 128, 256, 512), "blocks": 2, "steps": 20000, "batch_size": 16, "lr": 1e-3, "crop": 256},
+}
+
+
+def segmenter_preset(name: str, num_classes: int, **overrides: Any) -> SegmenterConfig:
+    """The config of preset ``name`` ("tiny" or "base") with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown segmenter preset {name!r}; choose one of {sorted(PRESETS)}")
+    d = dict(PRESETS[name])
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return SegmenterConfig(num_classes=num_classes, **d)
+
+
+# ---------------------------------------------------------------------------- network
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, c), c)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), _norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), _norm(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x + self.body(x))
+
+
+class _Decoder(nn.Module):
+    """Upsampling path with skip connections from the shared encoder, then a 1x1 head."""
+
+    def __init__(self, widths: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList()
+        for hi, lo in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.ups.append(nn.ModuleDict({
+                "reduce": nn.Conv2d(hi, lo, 1),
+                "fuse": nn.Sequential(nn.Conv2d(2 * lo, lo, 3, padding=1), _norm(lo), nn.SiLU(), _ResBlock(lo)),
+            }))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = feats[-1]
+        for up, skip in zip(self.ups, feats[::-1][1:]):
+            x = F.interpolate(up["reduce"](x), size=skip.shape[-2:], mode="nearest")
+            x = up["fuse"](torch.cat([x, skip], 1))
+        return self.head(x)
+
+
+class HoVerSegmenter(nn.Module):
+    """Shared encoder + NP / HV / TP decoders. ``forward(image (B,3,H,W) in [-1, 1])`` returns
+    ``{"np": (B,2,H,W) logits, "hv": (B,2,H,W) in [-1, 1], "tp": (B,K+1,H,W) logits}``."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.widths
+        self.stem = nn.Sequential(nn.Conv2d(3, w[0], 3, padding=1), _norm(w[0]), nn.SiLU())
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(w):
+            down = nn.Identity() if i == 0 else nn.Sequential(nn.Conv2d(w[i - 1], c, 3, stride=2, padding=1), _norm(c), nn.SiLU())
+            self.levels.append(nn.Sequential(down, *[_ResBlock(c) for _ in range(config.blocks)]))
+        self.np_branch = _Decoder(w, 2)
+        self.hv_branch = _Decoder(w, 2)
+        self.tp_branch = _Decoder(w, config.num_classes + 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, h = [], self.stem(x)
+        for level in self.levels:
+            h = level(h)
+            feats.append(h)
+        return {"np": self.np_branch(feats), "hv": torch.tanh(self.hv_branch(feats)), "tp": self.tp_branch(feats)}
+
+
+# ---------------------------------------------------------------------------- losses
+def _soft_dice(prob: torch.Tensor, onehot: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """1 - mean over channels of the soft Dice (batch pooled), channels = dim 1."""
+    inter = (prob * onehot).sum((0, 2, 3))
+    total = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1.0 - ((2 * inter + eps) / (total + eps)).mean()
+
+
+def _sobel_5(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """5x5 Sobel kernels (d/dx, d/dy), normalized as HoVer-Net's gradient loss does."""
+    deriv = torch.tensor([-1.0, -2.0, 0.0, 2.0, 1.0], device=device)
+    smooth = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=device)
+    kx = smooth[:, None] * deriv[None, :]
+    kx = kx / kx.abs().sum()
+    return kx, kx.t().contiguous()
+
+
+def _hv_gradients(hv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kx, ky = _sobel_5(hv.device)
+    gh = F.conv2d(F.pad(hv[:, :1], (2, 2, 2, 2), mode="replicate"), kx[None, None])
+    gv = F.conv2d(F.pad(hv[:, 1:], (2, 2, 2, 2), mode="replicate"), ky[None, None])
+    return gh, gv
+
+
+def segmenter_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """HoVer-Net's loss: NP CE + Dice, HV MSE + MSGE (inside nuclei), TP CE + Dice.
+
+    ``batch`` holds "mask" (B,1,H,W), "hv" (B,2,H,W) and "type_map" (B,H,W) int64.
+    """
+    mask = batch["mask"][:, 0].long()
+    k1 = out["tp"].shape[1]
+    terms = {
+        "np_ce": F.cross_entropy(out["np"], mask),
+        "np_dice": _soft_dice(out["np"].softmax(1), F.one_hot(mask, 2).permute(0, 3, 1, 2).float()),
+        "hv_mse": F.mse_loss(out["hv"], batch["hv"]),
+        "tp_ce": F.cross_entropy(out["tp"], batch["type_map"]),
+        "tp_dice": _soft_dice(out["tp"].softmax(1), F.one_hot(batch["type_map"], k1).permute(0, 3, 1, 2).float()),
+    }
+    ph, pv = _hv_gradients(out["hv"])
+    th, tv = _hv_gradients(batch["hv"])
+    focus = batch["mask"]
+    terms["hv_msge"] = (focus * ((ph - th) ** 2 + (pv - tv) ** 2)).sum() / (focus.sum() + 1e-8)
+    total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ---------------------------------------------------------------------------- training
+def _build(config: SegmenterConfig, seed: int) -> HoVerSegmenter:
+    # Initialize from a fixed seed without leaving the global RNG changed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HoVerSegmenter(config)
+
+
+def train_segmenter(
+    source: Sequence[Sample],
+    config: SegmenterConfig,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[HoVerSegmenter, list[dict[str, float]]]:
+    """Train a segmenter on ``source`` (any Sequence[Sample]: a list, a store, a view).
+
+    Batches are drawn with a ``torch.Generator`` seeded by ``seed`` and augmented by
+    :class:`nucsynth.data.dataset.SampleDataset` (rot/flip + crop, HV signs exact), so a
+    fixed seed on a fixed device gives the same weights. Returns (net in eval mode, log of
+    losses every step). ``progress(step, steps, loss)`` is called after each step.
+    """
+    from nucsynth.data.dataset import SampleDataset
+
+    if len(source) == 0:
+        raise ValueError("the training source holds no samples")
+    class_set = source[0].layout.class_set
+    if class_set.num_classes != config.num_classes:
+        raise ValueError(f"the data has {class_set.num_classes} classes ({class_set.name!r}) but the config {config.num_classes}")
+    dev = torch.device(device)
+    crop = config.crop
+    h, w = source[0].layout.shape
+    if crop is not None and (crop > h or crop > w):
+        crop = None  # patches smaller than the crop are used whole (then padded)
+    data = SampleDataset(source, maps=("mask", "hv", "type_map"), size=crop, augment=True, seed=seed)
+    net = _build(config, seed).to(dev).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    gen = torch.Generator().manual_seed(seed)
+    log: list[dict[str, float]] = []
+    per_epoch = max(1, len(data) // config.batch_size)
+    for step in range(config.steps):
+        data.set_epoch(step // per_epoch)
+        idx = torch.randint(len(data), (config.batch_size,), generator=gen).tolist()
+        items = [data[i] for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+        image, pad = _pad_to(batch["image"], config.multiple)
+        out = {k: _unpad(v, pad) for k, v in net(image).items()}
+        loss, terms = segmenter_loss(out, batch, config.loss_weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        terms["loss"] = float(loss.detach())
+        log.append(terms)
+        if progress is not None:
+            progress(step + 1, config.steps, terms["loss"])
+    return net.eval(), log
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    return x, (h, w)
+
+
+def _unpad(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x[..., : size[0], : size[1]]
+
+
+# ---------------------------------------------------------------------------- prediction
+@torch.no_grad()
+def predict_layouts(
+    net: HoVerSegmenter,
+    images: Sequence[np.ndarray],
+    class_set: ClassSet,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    **watershed_params: Any,
+) -> list[Layout]:
+    """Segment uint8 RGB images (H, W, 3) -> Layouts via the HV watershed (params passed on)."""
+    from nucsynth.data.dataset import image_to_tensor
+
+    if class_set.num_classes != net.config.num_classes:
+        raise ValueError(f"class set {class_set.name!r} has {class_set.num_classes} classes, the segmenter {net.config.num_classes}")
+    dev = torch.device(device)
+    net = net.to(dev).eval()
+    out: list[Layout] = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        shapes = {np.asarray(im).shape for im in chunk}
+        if len(shapes) != 1:
+            raise ValueError(f"images of one batch must share a shape, got {sorted(shapes)}")
+        for im in chunk:
+            a = np.asarray(im)
+            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+                raise ValueError(f"images must be uint8 (H, W, 3), got {a.dtype} {a.shape}")
+        x = torch.stack([image_to_tensor(np.asarray(im)) for im in chunk]).to(dev)
+        x, size = _pad_to(x, net.config.multiple)
+        res = {k: _unpad(v, size).float().cpu() for k, v in net(x).items()}
+        prob = res["np"].softmax(1)[:, 1].numpy()
+        tp = res["tp"].softmax(1).numpy()
+        hv = res["hv"].numpy()
+        for j in range(len(chunk)):
+            out.append(hv_watershed(prob[j], hv[j], tp[j], class_set=class_set, **watershed_params))
+    return out
+
+
+# ---------------------------------------------------------------------------- storage
+def save_segmenter(directory: str | Path, net: HoVerSegmenter, class_set: ClassSet, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``segmenter.json`` into ``directory`` atomically."""
+    from safetensors.torch import save_file
+
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        meta = {"format": FORMAT, "config": net.config.to_dict(), "class_set": class_set.to_dict(), "extra": extra or {}}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") -> tuple[HoVerSegmenter, ClassSet, dict[str, Any]]:
+    """Load a folder written by :func:`save_segmenter`: (net in eval mode, class set, extra)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise FileNotFoundError(f"no segmenter at {d}: expected {CONFIG} and {WEIGHTS} in that folder")
+    try:
+        meta = json.loads((d / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{d / CONFIG} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{d / CONFIG} is not a segmenter description (format {meta.get('format')!r})")
+    net = HoVerSegmenter(SegmenterConfig.from_dict(meta["config"]))
+    try:
+        net.load_state_dict(load_file(str(d / WEIGHTS)))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"weights in {d / WEIGHTS} do not fit the described segmenter: {e}") from None
+    return net.to(torch.device(device)).eval(), ClassSet.from_dict(meta["class_set"]), meta.get("extra", {})
