@@ -81,6 +81,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
@@ -229,7 +235,9 @@ def save_checkpoint(
             "versions": {"nucsynth": __version__, "torch": torch.__version__},
         }
         write_json_atomic(tmp / CONFIG, config)
+        mode = 0o666 & ~_umask()  # temp-file writers create 0600 files; checkpoints are shared
         for f in tmp.iterdir():
+            os.chmod(f, mode)
             _fsync_file(f)
         _fsync_dir(tmp)
         _replace_dir(tmp, final)

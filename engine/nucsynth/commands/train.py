@@ -89,7 +89,7 @@ def _load_data(path: Path, split: str) -> tuple[Any, dict[str, Any]]:
     except (ValueError, FileNotFoundError, OSError):
         store = None
     if store is not None:
-        prov: dict[str, Any] = {"path": str(path.resolve()), "kind": "store", "split": split, "store": store.attrs}
+        prov: dict[str, Any] = {"path": str(path), "kind": "store", "split": split, "store": store.attrs}
         if split == "all":
             return store, {**prov, "count": len(store)}
         idx = store.indices(split)
@@ -99,7 +99,7 @@ def _load_data(path: Path, split: str) -> tuple[Any, dict[str, Any]]:
     samples = read_source(path)
     if not samples:
         raise ValueError(f"--data {path} holds no samples")
-    return samples, {"path": str(path.resolve()), "kind": "source", "count": len(samples)}
+    return samples, {"path": str(path), "kind": "source", "count": len(samples)}
 
 
 def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
