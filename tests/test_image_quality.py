@@ -338,10 +338,10 @@ def test_matches_pytorch_fid(outputs, weights_dir, tmp_path, monkeypatch):
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     os.symlink(weights_dir / inc.WEIGHTS_FILE, tmp_path / "hub" / "checkpoints" / inc.WEIGHTS_FILE)
     ref = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
-    x = torch.from_numpy(sets["mild"]).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(sets["mild"][:1]).permute(0, 3, 1, 2).float() / 255.0  # one 299 px pass
     with torch.inference_mode():
         ref_feats = ref(x)[0].flatten(1).double().numpy()
-    ours = out["mild"][0]
+    ours = out["mild"][0][:1]
     assert np.allclose(ours, ref_feats, rtol=1e-4, atol=1e-5 * np.abs(ref_feats).max())
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(40, 16)), rng.normal(size=(30, 16)) * 1.5 + 0.3

@@ -42,6 +42,7 @@ __all__ = [
     "segmenter_feature_distance",
     "image_quality_report",
     "QUALITY_METRICS",
+    "FSD_KINDS",
 ]
 
 QUALITY_METRICS = ("fid", "is", "fsd")
