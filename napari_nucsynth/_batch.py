@@ -114,9 +114,12 @@ def _edited(layouts: Sequence[Layout], params: BatchParams) -> list[Layout]:
                 for i, lay in enumerate(layouts)]
     from nucsynth.edit.balance import balance_dataset
 
+    from napari_nucsynth._designer import rare_pool
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-patch shortfalls are normal; the summary shows the result
-        out, _ = balance_dataset(list(layouts), target_share=params.target_share, seed=params.seed)
+        out, _ = balance_dataset(list(layouts), rare_pool=rare_pool(list(layouts), seed=params.seed),
+                                 target_share=params.target_share, seed=params.seed)
     return out
 
 

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -54,11 +55,28 @@ from nucsynth.layout import (
     relabel_contiguous,
 )
 
-__all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL"]
+__all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL", "rare_pool"]
 
 CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (CONSEP_CLASSES, PANNUKE_CLASSES, LIZARD_CLASSES, NUCLEUS_CLASSES)}
 PROPOSAL = "proposal"  # suffix of the layout name of a pending proposal
 _POOL_SHAPES = 64  # the least number of rare-class shapes offered to DiffMix balancing
+
+
+def rare_pool(layouts: list[Layout], seed: int = 0, least: int = _POOL_SHAPES) -> list[np.ndarray]:
+    """Rare-class nucleus shapes for DiffMix balancing: those of ``layouts``
+    (``nucsynth.edit.balance.collect_rare_pool``), topped up to ``least`` with shapes drawn
+    from the rare class' statistics measured on real data (``nucsynth.generate``)."""
+    from nucsynth.edit.balance import collect_rare_pool
+    from nucsynth.generate.layouts import nucleus_shape
+    from nucsynth.generate.stats import stats_for_class
+
+    pool = collect_rare_pool(layouts)
+    cs = layouts[0].class_set
+    if len(pool) < least and cs.rare is not None:
+        rng = np.random.default_rng(seed)
+        stats = stats_for_class(cs, cs.rare)
+        pool += [nucleus_shape(stats, rng) for _ in range(least - len(pool))]
+    return pool
 
 
 def _notify_errors(method: Callable) -> Callable:
@@ -84,7 +102,14 @@ class DesignerWidget(QWidget):
         self.ctrl: LayoutLayers | None = None
         self.proposal: LayoutLayers | None = None
         self._targets: dict[str, list[float]] = {}
-        root = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        outer.addWidget(scroll)
+        root = QVBoxLayout(inner)  # scrolls instead of squeezing on short screens
         root.addWidget(self._layout_group())
         root.addWidget(self._palette_group())
         root.addWidget(self._generate_group())
@@ -314,6 +339,8 @@ class DesignerWidget(QWidget):
             )
             self.palette_group.addButton(b, k)
             self.palette_grid.addWidget(b, (k - 1) // 3, (k - 1) % 3)
+            b.show()  # shown now, so the scrolled dock lays the grown grid out at once
+        self.palette.adjustSize()
         selected = self.ctrl.selected_class if self.ctrl else 1
         btn = self.palette_group.button(selected or 1)
         if btn is not None:
@@ -485,6 +512,8 @@ class DesignerWidget(QWidget):
         total = max(int(counts.sum()), 1)
         targets = self._targets_for(cs)
         self.table.setRowCount(cs.num_classes)
+        rows_h = cs.num_classes * self.table.verticalHeader().defaultSectionSize()
+        self.table.setFixedHeight(self.table.horizontalHeader().height() + rows_h + 6)
         for k in range(1, cs.num_classes + 1):
             item = QTableWidgetItem(cs.names[k - 1])
             item.setBackground(QColor(*cs.colours[k - 1]))
@@ -522,24 +551,14 @@ class DesignerWidget(QWidget):
         return {self.table.item(r, 0).text(): int(self.table.item(r, 1).text()) for r in range(self.table.rowCount())}
 
     def _rare_pool(self, layout: Layout) -> list[np.ndarray]:
-        """Rare-class shapes: those of every open layout, topped up with shapes drawn from the
-        rare class' statistics (measured on real data) to at least ``_POOL_SHAPES``."""
-        from nucsynth.edit.balance import collect_rare_pool
-        from nucsynth.generate.layouts import nucleus_shape
-        from nucsynth.generate.stats import stats_for_class
-
+        """Rare-class shapes of this and every other open layout of the same class set."""
         layouts = [layout]
         for name in find_layout_names(self.viewer.layers):
             if self.ctrl is not None and name != self.ctrl.name and not name.endswith(PROPOSAL):
                 other = LayoutLayers.attach(self.viewer, name).layout()
                 if other.class_set == layout.class_set:
                     layouts.append(other)
-        pool = collect_rare_pool(layouts)
-        if len(pool) < _POOL_SHAPES:  # too few real shapes: add ones drawn from the class statistics
-            rng = np.random.default_rng(self.seed_spin.value())
-            stats = stats_for_class(layout.class_set, layout.class_set.rare)
-            pool += [nucleus_shape(stats, rng) for _ in range(_POOL_SHAPES - len(pool))]
-        return pool
+        return rare_pool(layouts, seed=self.seed_spin.value())
 
     @_notify_errors
     def balance(self) -> None:

@@ -19,6 +19,7 @@ from napari_nucsynth._layers import META, class_colormap, layout_to_layers, samp
 __all__ = ["get_reader", "read_paths", "format_of", "store_layers"]
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
+_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")  # an image beside a GeoJSON, same stem
 
 
 def _is_store(path: Path) -> bool:
@@ -91,7 +92,8 @@ def _read_one(path: Path) -> list[LayerDataTuple]:
         from nucsynth.io import read_geojson
         from nucsynth.layout import Sample
 
-        got = read_geojson(path)
+        image = next((c for c in (path.with_suffix(e) for e in _IMAGE_SUFFIXES) if c.is_file()), None)
+        got = read_geojson(path, image=image)
         return sample_to_layers(got, path.stem) if isinstance(got, Sample) else layout_to_layers(got, path.stem)
     if fmt == "store":
         return store_layers(path)

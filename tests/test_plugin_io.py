@@ -106,6 +106,13 @@ def test_geojson_round_trip_keeps_classes(viewer_with_sample: ViewerModel, tmp_p
     # polygons are rasterised back: nearly the same pixels per class
     agree = (back.type_map() == before.type_map()).mean()
     assert agree > 0.97
+    # with the image beside it (same stem) the GeoJSON opens as image + layout
+    from PIL import Image
+
+    Image.fromarray(v.layers["procedural image"].data).save(tmp_path / "cells.png")
+    v3 = ViewerModel()
+    _add(v3, get_reader(str(out))(str(out)))
+    assert np.array_equal(v3.layers["cells image"].data, v.layers["procedural image"].data)
 
 
 def test_reader_declines_foreign_files(tmp_path: Path) -> None:
