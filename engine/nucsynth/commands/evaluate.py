@@ -1,0 +1,120 @@
+"""``nucsynth evaluate``: the downstream segmenter protocol and label fidelity.
+
+    nucsynth evaluate downstream --real STORE [--synthetic STORE] --fractions 0.1,1.0 --seeds 3 --out DIR
+    nucsynth evaluate fidelity STORE --model SEGMENTER_DIR [--out DIR] [--min-score 0.5]
+
+``downstream`` trains the segmenter on each fraction of the real store's training split
+(with and without the synthetic store), evaluates on the held-out split, and writes
+``downstream.json`` (every run + summary) and ``downstream.md`` (mean ± std over seeds).
+``fidelity`` segments the store's images, compares with their layouts and writes
+``fidelity.json`` (one score per sample + summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from nucsynth.commands.segmenter import json_safe, load_split, write_json
+
+NAME = "evaluate"
+HELP = "Evaluate synthetic data: downstream segmenter protocol (real vs real+synthetic) and label fidelity."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Sub-commands ``downstream`` and ``fidelity``."""
+    sub = p.add_subparsers(dest="action", required=True)
+    d = sub.add_parser("downstream", help="train the segmenter on real fractions with/without synthetic data")
+    d.add_argument("--real", type=Path, required=True, help="real dataset store (.zarr) with train and held-out splits")
+    d.add_argument("--synthetic", type=Path, help="synthetic dataset store added to every real fraction")
+    d.add_argument("--fractions", default="0.1,1.0", help="comma-separated fractions of the real training split (default 0.1,1.0)")
+    d.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 per fraction (default 3)")
+    d.add_argument("--train-split", default="train", help="real training split (default: train)")
+    d.add_argument("--test-split", default="val", help="held-out real split (default: val)")
+    d.add_argument("--synthetic-split", default="all", help="split of the synthetic store to use (default: all)")
+    d.add_argument("--preset", default="tiny", choices=("tiny", "base"), help="segmenter preset (default: tiny)")
+    d.add_argument("--steps", type=int, help="training steps per run (preset default)")
+    d.add_argument("--batch-size", type=int, help="batch size (preset default)")
+    d.add_argument("--crop", type=int, help="training crop in px (preset default)")
+    d.add_argument("--out", type=Path, required=True, help="folder for downstream.json and downstream.md")
+    d.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    f = sub.add_parser("fidelity", help="segment synthesized samples and compare with their layouts")
+    f.add_argument("store", type=Path, help="store of synthesized samples (image + the layout it was conditioned on)")
+    f.add_argument("--model", type=Path, required=True, help="segmenter folder (nucsynth segmenter train)")
+    f.add_argument("--split", default="all", help="split to score (default: all)")
+    f.add_argument("--out", type=Path, help="folder for fidelity.json (default: print the summary only)")
+    f.add_argument("--min-score", type=float, help="list the samples scoring below this value")
+    f.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--fractions must be comma-separated numbers in (0, 1], got {text!r}") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise ValueError(f"--fractions must be comma-separated numbers in (0, 1], got {text!r}")
+    return vals
+
+
+def _downstream(args: argparse.Namespace) -> int:
+    from nucsynth.device import pick_device
+    from nucsynth.evaluate.downstream import downstream, downstream_markdown
+    from nucsynth.evaluate.segmenter import segmenter_preset
+
+    fractions = _fractions(args.fractions)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    train = load_split(args.real, args.train_split)
+    test = load_split(args.real, args.test_split)
+    synthetic = load_split(args.synthetic, args.synthetic_split) if args.synthetic is not None else None
+    cs = train[0].layout.class_set
+    if synthetic is not None and synthetic[0].layout.class_set != cs:
+        raise ValueError(f"the synthetic store uses class set {synthetic[0].layout.class_set.name!r}, the real one {cs.name!r}")
+    config = segmenter_preset(args.preset, cs.num_classes, steps=args.steps, batch_size=args.batch_size, crop=args.crop)
+    device = pick_device(args.device)
+    result = downstream(train, test, config, synthetic, fractions, list(range(args.seeds)), device=str(device),
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = {
+        "real": str(args.real), "synthetic": None if args.synthetic is None else str(args.synthetic),
+        "train_split": args.train_split, "test_split": args.test_split, "test_patches": len(test),
+        "segmenter": config.to_dict(), **result,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "downstream.json", result)
+    md = downstream_markdown(result)
+    tmp = args.out / ".downstream.md.tmp"
+    tmp.write_text(md, encoding="utf-8")
+    tmp.replace(args.out / "downstream.md")
+    print(md)
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from nucsynth.device import pick_device
+    from nucsynth.evaluate.downstream import fidelity
+    from nucsynth.evaluate.segmenter import load_segmenter
+
+    device = pick_device(args.device)
+    net, class_set, _ = load_segmenter(args.model, device)
+    data = load_split(args.store, args.split)
+    if data[0].layout.class_set.num_classes != class_set.num_classes:
+        raise ValueError(f"store {args.store} has {data[0].layout.class_set.num_classes} classes, the segmenter {class_set.num_classes}")
+    res: dict[str, Any] = fidelity(data, net, device=str(device))
+    s = res["summary"]
+    print(f"{res['n_samples']} samples: score {s['score']:.4f}  PQ {s['pq']:.4f}  F_d {s['f_d']:.4f}  F1 mean {s['f1_mean']:.4f}")
+    if args.min_score is not None:
+        bad = [r["index"] for r in res["per_sample"] if r["score"] < args.min_score]
+        res["below_min_score"] = bad
+        print(f"{len(bad)} samples score below {args.min_score}: {bad}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "fidelity.json", json_safe({"store": str(args.store), "model": str(args.model), **res}))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``downstream`` / ``fidelity``."""
+    return _downstream(args) if args.action == "downstream" else _fidelity(args)
