@@ -22,9 +22,10 @@ def procedural_tissue() -> list[LayerDataTuple]:
     return sample_to_layers(procedural_sample(SIZE, seed=SEED), "procedural")
 
 
-def rendered_tissue() -> list[LayerDataTuple]:
-    """A random layout rendered by the default semantic model (shipped in the package, or
-    ``$NUCSYNTH_CHECKPOINT``): the rendered image plus the layout's three layers.
+def rendered_tissue(steps: int = 20) -> list[LayerDataTuple]:
+    """A random layout (the model's patch size) rendered by the default semantic model
+    (``$NUCSYNTH_CHECKPOINT``, else the one shipped in the package) in ``steps`` sampler
+    steps: the rendered image plus the layout's three layers.
 
     Raises FileNotFoundError naming where it looked when no default model is installed.
     """
@@ -38,7 +39,7 @@ def rendered_tissue() -> list[LayerDataTuple]:
     model = load_model(ckpt)
     size = int(model.image_size or SIZE[0])
     layout = random_layout((size, size), class_set=model.class_set, seed=SEED)
-    params = RenderParams(checkpoint=str(ckpt), seed=SEED)
+    params = RenderParams(checkpoint=str(ckpt), seed=SEED, steps=steps)
     steps = render_steps(model, layout, params)
     try:
         while True:

@@ -149,3 +149,32 @@ def test_manifest_validates_on_the_installed_package() -> None:
     res = subprocess.run([npe2, "validate", "napari-nucsynth"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "valid" in res.stdout
+
+
+def test_rendered_sample_data_uses_the_default_model(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from nucsynth.checkpoint import resolve_checkpoint
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model is fastest on one thread
+    try:
+        _check_rendered_sample(monkeypatch, resolve_checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_rendered_sample(monkeypatch, resolve_checkpoint) -> None:
+    monkeypatch.delenv("NUCSYNTH_CHECKPOINT", raising=False)
+    try:
+        ckpt = resolve_checkpoint(None)
+    except FileNotFoundError as e:
+        pytest.skip(f"no default model installed: {e}")
+    from napari_nucsynth._sample_data import rendered_tissue
+
+    v = ViewerModel()
+    _add(v, rendered_tissue(steps=4))
+    img = v.layers["rendered image"]
+    meta = img.metadata["nucsynth"]
+    assert meta["role"] == "render" and meta["checkpoint"] == str(ckpt) and meta["seed"] == 0
+    lay = layers_to_layout(v.layers["rendered instances"], v.layers["rendered centroids"])
+    assert img.data.shape == (*lay.shape, 3) and lay.num_nuclei > 0
