@@ -67,9 +67,9 @@ _TRUNK = (
 def _torchvision_inception() -> Any:
     """torchvision.models.inception, imported through the engine's CPU-safe torchvision import."""
     try:
-        from ..nets.text import _import_torchvision_cpu_safe
+        from .._torchvision import import_torchvision
 
-        _import_torchvision_cpu_safe()
+        import_torchvision()
         from torchvision.models import inception
     except ImportError as e:
         raise ImportError(

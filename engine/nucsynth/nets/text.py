@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .._torchvision import import_torchvision
 from ..layout import ClassSet, Layout
 
 __all__ = [
@@ -165,39 +165,9 @@ class BuiltinPromptEncoder(nn.Module):
 
 # ----------------------------------------------------------------------------- open_clip
 
-_TORCHVISION_PLACEHOLDERS: list[Any] = []  # keeps the placeholder library registered
-
-
-def _import_torchvision_cpu_safe() -> None:
-    """Import torchvision, working around CUDA wheels on CPU-only machines.
-
-    The PyPI torchvision wheel is a CUDA build; where its compiled ops cannot load,
-    ``import torchvision`` fails with "operator torchvision::nms does not exist" (its meta
-    registrations look the op up). Defining placeholder schemas for ``nms``/``qnms`` first
-    lets the import finish; the text encoders never call these ops. Where torchvision
-    imports normally (its ops load), nothing is changed. open_clip imports torchvision, so
-    call this just before importing open_clip.
-    """
-    if "torchvision" in sys.modules:
-        return
-    try:
-        import torchvision  # noqa: F401
-        return
-    except RuntimeError as e:
-        if "torchvision::nms does not exist" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # drop the half-imported package before retrying
-    lib = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_PLACEHOLDERS.append(lib)
-    import torchvision  # noqa: F401,F811
-
-
 def _import_open_clip() -> Any:
     try:
-        _import_torchvision_cpu_safe()
+        import_torchvision()
         import open_clip
     except ImportError as e:
         raise ImportError(
