@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="split of a store to train on (default: train; 'all' = every patch)")
     p.add_argument("--out", type=Path, required=True, help="run folder (log.csv, checkpoints/, previews/)")
     p.add_argument("--image-size", type=int, default=64, help="training crop size in px (default: 64)")
+    p.add_argument("--prediction", choices=("eps", "v"), default=None,
+                   help="what the network predicts (default: the family's; semantic: eps as in SDM)")
     p.add_argument("--no-augment", action="store_true", help="no random rotations/flips/crops (centre crops)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -106,7 +108,8 @@ def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
     from nucsynth.models.base import get_family
 
     cls = get_family(args.family)
-    return cls.from_preset(args.preset, args.image_size, class_set)
+    options = {} if args.prediction is None else {"prediction": args.prediction}
+    return cls.from_preset(args.preset, args.image_size, class_set, **options)
 
 
 def run(args: argparse.Namespace) -> int:
