@@ -13,7 +13,9 @@ the mask of the engine's masked re-rendering; outside it the last render is kept
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,6 +102,18 @@ def edited_region(before: Layout, after: Layout, margin: int = REGION_MARGIN) ->
     return diff.astype(np.float32)
 
 
+def _lower_thread_priority() -> None:
+    """On Linux, nice the calling (engine) thread a little, so the UI thread wins when both
+    want the same core: the viewer stays responsive while a render computes."""
+    if sys.platform != "linux":  # elsewhere a thread id is not a valid PRIO_PROCESS target
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
+    except OSError:
+        pass
+
+
 def engine_steps(
     call: Callable[[Callable[[int, int], None]], Any], cancel: threading.Event | None = None
 ) -> Generator[tuple[int, int], None, Any]:
@@ -117,6 +131,7 @@ def engine_steps(
         events.put((int(i), int(n)))
 
     def run() -> None:
+        _lower_thread_priority()
         try:
             outcome["result"] = call(progress)
         except RenderCancelled:
@@ -152,9 +167,18 @@ def render_steps(
     init_image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     cancel: threading.Event | None = None,
-) -> Generator[tuple[int, int], None, Sample | None]:
-    """Yield ``(step, total)`` while the engine renders ``layout``; return the Sample, or
-    None when ``cancel`` was set."""
+) -> Generator[tuple[int, int], None, Sample | Layout | None]:
+    """Yield ``(step, total)`` while the engine works on ``layout``; return the result, or
+    None when ``cancel`` was set.
+
+    By family: ``semantic`` renders the layout (a Sample; every mode); ``joint`` generates
+    image and nuclei from the layout's centroids and classes (a Sample whose layout is the
+    model's; mode ``render``); ``structure`` generates a new layout of the canvas size
+    (a Layout, no image; mode ``render``).
+    """
+    family = getattr(model, "name", "")
+    if family in ("joint", "structure") and params.mode != "render":
+        raise ValueError(f"a {family!r} model only supports mode 'render' (restyle and region need a semantic model)")
     kwargs: dict[str, Any] = {}
     if params.mode in ("restyle", "region"):
         if init_image is None:
@@ -167,12 +191,15 @@ def render_steps(
             raise ValueError("mode 'region' needs the mask of the edited region")
         kwargs["mask"] = mask
 
-    def call(progress: Callable[[int, int], None]) -> list[Sample]:
+    def call(progress: Callable[[int, int], None]) -> Sample | Layout:
+        if family == "structure":
+            raw = model.sample_structures(1, size=layout.shape, steps=params.steps, seed=params.seed,
+                                          sampler=params.sampler, progress=progress)
+            return model.to_layout(raw[0])
         return model.sample(layout, steps=params.steps, guidance=params.guidance, seed=params.seed,
-                            sampler=params.sampler, progress=progress, **kwargs)
+                            sampler=params.sampler, progress=progress, **kwargs)[0]
 
-    samples = yield from engine_steps(call, cancel)
-    return None if samples is None else samples[0]
+    return (yield from engine_steps(call, cancel))
 
 
 def render_metadata(sample: Sample, params: RenderParams, layout_name: str, family: str) -> dict[str, Any]:
@@ -440,10 +467,8 @@ class RenderWidget(QWidget):
         """Worker body: load the model (cached), then render step by step."""
         yield (0, params.steps)
         model = load_model(params.checkpoint)
-        sample = yield from render_steps(model, layout, params, init, mask, cancel)
-        if sample is not None:
-            sample = (sample, getattr(model, "name", "?"))
-        return sample
+        made = yield from render_steps(model, layout, params, init, mask, cancel)
+        return None if made is None else (made, getattr(model, "name", "?"))
 
     # ------------------------------------------------------------------ worker handlers (main thread)
     def _on_progress(self, item: tuple[int, int]) -> None:
@@ -455,26 +480,29 @@ class RenderWidget(QWidget):
         if result is None:
             self.status.setText("render cancelled")
             return
-        sample, family = result
-        self._place(sample, family, ctrl, layout, params)
+        made, family = result
+        self._place(made, family, ctrl, layout, params)
 
-    def _place(self, sample: Sample, family: str, ctrl: LayoutLayers, layout: Layout, params: RenderParams) -> None:
+    def _place(self, result: Sample | Layout, family: str, ctrl: LayoutLayers, layout: Layout,
+               params: RenderParams) -> None:
         name = self.output_name(ctrl.name)
-        meta = render_metadata(sample, params, ctrl.name, family)
         ty, tx = (float(t) for t in ctrl.instances.translate[-2:])
         translate = (ty, tx + layout.shape[1] + 8)  # beside the layout, never over it
-        existing = self.viewer.layers[name] if name in self.viewer.layers else None
-        if existing is not None and role_of(existing) == "render":
-            existing.data = sample.image
-            existing.metadata = meta
-            existing.translate = translate
-        else:
-            self.viewer.add_image(sample.image, name=name, rgb=True, metadata=meta, translate=translate)
-        if not sample.layout.equals(layout):  # families that make their own labels (joint, structure)
-            LayoutLayers.show(self.viewer, sample.layout, f"{name} labels", translate=translate)
-        self._rendered[ctrl.name] = sample.layout
+        made = result.layout if isinstance(result, Sample) else result
+        if isinstance(result, Sample):
+            meta = render_metadata(result, params, ctrl.name, family)
+            existing = self.viewer.layers[name] if name in self.viewer.layers else None
+            if existing is not None and role_of(existing) == "render":
+                existing.data = result.image
+                existing.metadata = meta
+                existing.translate = translate
+            else:
+                self.viewer.add_image(result.image, name=name, rgb=True, metadata=meta, translate=translate)
+            self._rendered[ctrl.name] = made
+        if not made.equals(layout):  # families that make their own nuclei (joint, structure)
+            LayoutLayers.show(self.viewer, made, f"{name} labels", translate=translate)
         self.progress.setValue(self.progress.maximum())
-        self.status.setText(f"rendered {ctrl.name!r}: seed {params.seed}, {meta['nucsynth']['model']}")
+        self.status.setText(f"{family} model: {ctrl.name!r} done, seed {params.seed}")
 
     def _on_error(self, exc: BaseException) -> None:
         self._tell(f"render failed: {exc}", error=True)

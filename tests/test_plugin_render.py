@@ -157,3 +157,34 @@ def test_main_thread_stays_responsive_while_rendering(dock, qtbot) -> None:
     assert len(during) > 10
     assert gaps.max() < 0.1, f"main thread blocked for {gaps.max() * 1000:.0f} ms"
     qtbot.waitUntil(lambda: not dock.running, timeout=30000)
+
+
+def _run(gen):
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        return done.value
+
+
+@pytest.mark.parametrize("family", ["joint", "structure"])
+def test_label_making_families_render_their_own_nuclei(family: str) -> None:
+    """Joint models return a Sample with their own nuclei; structure models a new Layout."""
+    from napari_nucsynth._render import RenderParams, render_steps
+    from nucsynth.generate.layouts import random_layout
+    from nucsynth.layout import Layout, Sample
+    from nucsynth.models.base import get_family
+
+    torch.manual_seed(0)
+    layout = random_layout((SIZE, SIZE), seed=3)
+    model = get_family(family).from_preset("tiny", image_size=SIZE, class_set=layout.class_set)
+    model.net = model.build_network().eval()
+    params = RenderParams(checkpoint="(in memory)", steps=2, seed=1)
+    made = _run(render_steps(model, layout, params))
+    if family == "joint":
+        assert isinstance(made, Sample) and made.image.shape == (SIZE, SIZE, 3)
+        assert made.layout.num_nuclei == layout.num_nuclei  # one nucleus per given point
+    else:
+        assert isinstance(made, Layout) and made.shape == (SIZE, SIZE)
+    with pytest.raises(ValueError, match="only supports mode 'render'"):
+        _run(render_steps(model, layout, RenderParams(checkpoint="x", mode="restyle"), init_image=None))
