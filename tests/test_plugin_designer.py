@@ -84,3 +84,25 @@ def test_bad_input_is_a_notification(designer, monkeypatch) -> None:
     monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
     designer.balance_btn.click()  # no layout yet
     assert shown and "no layout" in shown[0]
+
+
+def test_start_from_an_opened_image_and_its_labels(designer) -> None:
+    from conftest import disk_layout_arrays
+
+    inst, _ = disk_layout_arrays()
+    viewer = designer.viewer
+    viewer.add_image(np.zeros((*inst.shape, 3), np.uint8), name="tissue", rgb=True, translate=(0, 100))
+    viewer.add_labels(inst * 5, name="nuclei")  # ids with gaps, no classes
+    designer.image_combo.setCurrentText("tissue")
+    designer.labels_combo.setCurrentText("nuclei")
+    designer.name_edit.setText("real")
+    designer.from_image_btn.click()
+    ctrl = designer.ctrl
+    assert ctrl.name == "real" and tuple(ctrl.instances.translate) == (0, 100)
+    lay = ctrl.layout()
+    assert lay.num_nuclei == 3 and lay.classes.tolist() == [0, 0, 0]  # unknown until classed
+    assert designer.counts() == {"other": 0, "inflammatory": 0, "epithelial": 0, "spindle": 0}
+    ctrl.centroids.selected_data = {0, 1}
+    designer.select_class(2)
+    designer.assign_btn.click()
+    assert designer.counts()["inflammatory"] == 2
