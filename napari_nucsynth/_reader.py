@@ -2,8 +2,8 @@
 
 Every format is read by ``nucsynth.io``; this module only turns the Samples and Layouts it
 returns into layers (:mod:`napari_nucsynth._layers`). A dataset store with one patch opens
-as an editable layout; a larger store opens as stacks (image, instances, classes) to browse,
-from which the designer can take the shown patch for editing.
+as an editable layout; a larger store opens as lazy stacks (images, instances, classes) to
+browse.
 """
 
 from __future__ import annotations
