@@ -12,7 +12,7 @@ DATA="${1:-../shared/data/consep256/Train}"
 RUN="${2:-runs/default_semantic}"
 BIN="${NUCSYNTH_BIN:-.venv/bin}"
 
-"$BIN/nucsynth" train --family semantic --preset tiny --data "$DATA" --image-size 64 \
+"$BIN/nucsynth" train --family semantic --preset tiny --data "$DATA" --image-size 64 --prediction v \
     --steps 600 --batch-size 4 --lr 1e-3 --warmup 50 --ema 0.995 --cond-drop 0.2 \
     --checkpoint-every 200 --preview-every 400 --seed 0 --threads 1 --device cpu --out "$RUN"
 
