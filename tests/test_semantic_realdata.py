@@ -51,6 +51,8 @@ def test_tiny_model_on_real_patches_follows_label_maps(consep_dir: Path, tmp_pat
     null = to_uint8(trained.sample_tensor(net, torch.zeros_like(cond), steps=6, guidance=0.0, seed=1, sampler="dpm++2m"))
 
     c_real, c_made, c_null = _contrast(real, layouts), _contrast(made, layouts), _contrast(null, layouts)
+    print(f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-20:]):.3f}; contrast real {c_real:.1f} "
+          f"generated {c_made:.1f} null map {c_null:.1f}")
     assert c_real > 10  # sanity: in the real patches nuclei are darker (hematoxylin)
     assert c_made > 0.4 * c_real, (c_real, c_made, c_null)
     assert c_made > c_null + 0.25 * c_real, (c_real, c_made, c_null)
