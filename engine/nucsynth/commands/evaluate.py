@@ -1,13 +1,16 @@
-"""``nucsynth evaluate``: the downstream segmenter protocol and label fidelity.
+"""``nucsynth evaluate``: the downstream segmenter protocol, label fidelity and image quality.
 
     nucsynth evaluate downstream --real STORE [--synthetic STORE] --fractions 0.1,1.0 --seeds 3 --out DIR
     nucsynth evaluate fidelity STORE --model SEGMENTER_DIR [--out DIR] [--min-score 0.5]
+    nucsynth evaluate quality REAL SYNTH [--metrics fid,is,fsd] [--inception-weights PATH] [--out REPORT.json]
 
 ``downstream`` trains the segmenter on each fraction of the real store's training split
 (with and without the synthetic store), evaluates on the held-out split, and writes
 ``downstream.json`` (every run + summary) and ``downstream.md`` (mean ± std over seeds).
 ``fidelity`` segments the store's images, compares with their layouts and writes
-``fidelity.json`` (one score per sample + summary).
+``fidelity.json`` (one score per sample + summary). ``quality`` computes FID / IS / FSD of a
+synthetic set against a real one (:func:`nucsynth.evaluate.image_quality.image_quality_report`)
+and writes the report as JSON.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from typing import Any
 from nucsynth.commands.segmenter import json_safe, load_split, write_json
 
 NAME = "evaluate"
-HELP = "Evaluate synthetic data: downstream segmenter protocol (real vs real+synthetic) and label fidelity."
+HELP = "Evaluate synthetic data: downstream segmenter protocol (real vs real+synthetic), label fidelity, FID/IS/FSD."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Sub-commands ``downstream`` and ``fidelity``."""
+    """Sub-commands ``downstream``, ``fidelity`` and ``quality``."""
     sub = p.add_subparsers(dest="action", required=True)
     d = sub.add_parser("downstream", help="train the segmenter on real fractions with/without synthetic data")
     d.add_argument("--real", type=Path, required=True, help="real dataset store (.zarr) with train and held-out splits")
@@ -47,6 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--out", type=Path, help="folder for fidelity.json (default: print the summary only)")
     f.add_argument("--min-score", type=float, help="list the samples scoring below this value")
     f.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    q = sub.add_parser("quality", help="FID, IS and FSD of a synthetic set against a real one")
+    q.add_argument("real", type=Path, help="real data: a dataset store or any source 'nucsynth prepare' reads")
+    q.add_argument("synth", type=Path, help="synthetic data: a dataset store or any readable source")
+    q.add_argument("--metrics", default="fid,is,fsd", help="comma-separated subset of fid,is,fsd (default: all; fsd needs no weights)")
+    q.add_argument("--inception-weights", type=Path, help="pt_inception-2015-12-05-6726825d.pth (file or folder; default: "
+                   "$NUCSYNTH_INCEPTION_WEIGHTS, else torch hub's checkpoint folder)")
+    q.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    q.add_argument("--batch-size", type=int, default=32, help="images per Inception batch (default 32)")
+    q.add_argument("--splits", type=int, default=10, help="IS splits (default 10, lowered to the set size)")
+    q.add_argument("--fsd-statistics", choices=("area", "instance"), default="area", help="FSD label statistics (default: area)")
+    q.add_argument("--out", type=Path, help="write the report here as JSON")
 
 
 def _fractions(text: str) -> list[float]:
@@ -115,6 +129,61 @@ def _fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(text: str) -> tuple[str, ...]:
+    from nucsynth.evaluate.image_quality import QUALITY_METRICS
+
+    vals = tuple(dict.fromkeys(v.strip().lower() for v in text.split(",") if v.strip()))
+    if not vals or any(v not in QUALITY_METRICS for v in vals):
+        raise ValueError(f"--metrics must be a comma-separated subset of {','.join(QUALITY_METRICS)}, got {text!r}")
+    return vals
+
+
+def _open_source(path: Path) -> Any:
+    """A dataset store opened lazily (images read a batch at a time), else any readable source."""
+    from nucsynth.io import read_source
+    from nucsynth.io.store import DatasetStore
+
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    data = DatasetStore.open(path) if (path / "zarr.json").is_file() else read_source(path)
+    if len(data) == 0:
+        raise ValueError(f"{path} holds no samples")
+    return data
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from nucsynth.evaluate.image_quality import image_quality_report
+
+    metrics = _metrics(args.metrics)
+    if args.batch_size < 1 or args.splits < 1:
+        raise ValueError(f"--batch-size and --splits must be >= 1, got {args.batch_size} and {args.splits}")
+    device = None
+    if "fid" in metrics or "is" in metrics:
+        from nucsynth.device import pick_device
+        from nucsynth.evaluate.inception import find_inception_weights
+
+        find_inception_weights(args.inception_weights)  # fail before reading any data
+        device = pick_device(args.device)
+    real, synth = _open_source(args.real), _open_source(args.synth)
+    rep = image_quality_report(real, synth, metrics=metrics, weights=args.inception_weights, device=device,
+                               batch_size=args.batch_size, splits=args.splits, fsd_kind=args.fsd_statistics)
+    rep = {"real": str(args.real), "synth": str(args.synth), "metrics": list(metrics), **rep}
+    parts = [f"{rep['n_real']} real vs {rep['n_synth']} synthetic"]
+    if "fid" in rep:
+        parts.append(f"FID {rep['fid']:.3f}")
+    if "is_synth" in rep:
+        parts.append(f"IS real {rep['is_real']:.3f} ± {rep['is_real_std']:.3f}, synthetic {rep['is_synth']:.3f} ± {rep['is_synth_std']:.3f}")
+    if "fsd" in rep:
+        parts.append(f"FSD ({rep['fsd_statistics']}) {rep['fsd']:.4f}")
+    print(": ".join(parts[:1]) + ": " + "  ".join(parts[1:]))
+    if "inception_weights" in rep:
+        print(f"Inception weights {rep['inception_weights']} (sha256 {rep['inception_weights_sha256'][:12]}...) on {rep['device']}")
+    if args.out is not None:
+        write_json(args.out, rep)
+        print(f"report written to {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``downstream`` / ``fidelity``."""
-    return _downstream(args) if args.action == "downstream" else _fidelity(args)
+    """Dispatch ``downstream`` / ``fidelity`` / ``quality``."""
+    return {"downstream": _downstream, "fidelity": _fidelity, "quality": _quality}[args.action](args)
