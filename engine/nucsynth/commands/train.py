@@ -5,6 +5,10 @@ Several GPUs: ``torchrun --nproc_per_node 4 -m nucsynth.cli train ...`` (DDP, ra
 ``--batch-size`` is per process). ``--resume`` continues RUN exactly where its newest
 checkpoint left off; options given with ``--resume`` (e.g. more ``--steps`` or a
 ``--finetune-steps`` stage) override the stored ones.
+
+NuDiff (two stages): ``--family structure`` trains stage 1 (structures); ``--family
+semantic --condition structure`` trains stage 2 (the image from a structure), the pair that
+``nucsynth synthesize --checkpoint STAGE1 --image-checkpoint STAGE2 --count N`` uses.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=64, help="training crop size in px (default: 64)")
     p.add_argument("--prediction", choices=("eps", "v"), default=None,
                    help="what the network predicts (default: the family's; semantic: eps as in SDM)")
+    p.add_argument("--condition", choices=("layout", "structure"), default=None,
+                   help="semantic: what the image is conditioned on: layout (default; one-hot classes + edges, "
+                        "SDM/NASDM) or structure (mask + HV maps: NuDiff stage 2, the image model of "
+                        "'synthesize --image-checkpoint')")
     p.add_argument("--no-augment", action="store_true", help="no random rotations/flips/crops (centre crops)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -109,6 +117,11 @@ def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
 
     cls = get_family(args.family)
     options = {} if args.prediction is None else {"prediction": args.prediction}
+    if args.condition is not None:
+        if cls.name != "semantic":
+            raise ValueError(f"--condition applies to the semantic family (NuDiff stage 2: --condition structure); "
+                             f"the {cls.name!r} family has no such option")
+        options["condition"] = args.condition
     return cls.from_preset(args.preset, args.image_size, class_set, **options)
 
 
@@ -133,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
         if not runs:
             raise FileNotFoundError(f"--resume: {args.out} holds no checkpoints")
         saved = read_config(runs[-1])
+        stored = saved.get("model", {}).get("condition", "layout") if saved.get("family") == "semantic" else None
+        if args.condition is not None and args.condition != stored:
+            raise ValueError(f"--resume: the run in {args.out} was trained with condition {stored!r}; "
+                             f"--condition {args.condition} cannot change it")
         model = build_family(saved, runs[-1])
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.get("train", {}).items() if k in fields}, **_given(args)})
