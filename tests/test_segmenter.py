@@ -100,6 +100,20 @@ def test_save_and_load_round_trip(tmp_path, samples):
         S.load_segmenter(path)
 
 
+def test_postprocess_options_travel_with_the_model(tmp_path, samples):
+    tiny = S.segmenter_preset("tiny", 4)
+    assert tiny.postprocess == S.TINY_POSTPROCESS and tiny.postprocess is not S.PRESETS["tiny"]["postprocess"]
+    with pytest.raises(ValueError, match="unknown postprocess options \\['sobel'\\]"):
+        tiny_config(postprocess={"sobel": 7})
+    # threshold 1.01: no pixel can be a nucleus; stored with the weights, overridable per call.
+    net = S._build(tiny_config(postprocess={"threshold": 1.01, "min_size": 0}), 0).eval()
+    net2, _, _ = S.load_segmenter(S.save_segmenter(tmp_path / "seg", net, CONSEP_CLASSES))
+    assert net2.config.postprocess == {"threshold": 1.01, "min_size": 0}
+    imgs = [s.image for s in samples[:2]]
+    assert all(lay.inst_map.max() == 0 for lay in S.predict_layouts(net2, imgs, CONSEP_CLASSES))
+    assert any(lay.inst_map.max() > 0 for lay in S.predict_layouts(net2, imgs, CONSEP_CLASSES, threshold=0.0))
+
+
 def _make_store(path: Path, samples) -> Path:
     from nucsynth.io.store import DatasetStore
 

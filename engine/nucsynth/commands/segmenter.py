@@ -91,7 +91,9 @@ def _train(args: argparse.Namespace) -> int:
     from nucsynth.device import pick_device
     from nucsynth.evaluate.segmenter import save_segmenter, segmenter_preset, train_segmenter
 
-    data = load_split(args.data, args.split)
+    # Read the split into memory once: every step draws random patches, and decoding them
+    # from the store each time would cost more than the tiny network's forward pass.
+    data = list(load_split(args.data, args.split))
     class_set = data[0].layout.class_set
     config = segmenter_preset(args.preset, class_set.num_classes, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, crop=args.crop)

@@ -61,6 +61,9 @@ class SegmenterConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"np_ce": 1.0, "np_dice": 1.0, "hv_mse": 1.0, "hv_msge": 1.0, "tp_ce": 1.0, "tp_dice": 1.0}
     )
+    # Keyword arguments of nucsynth.postprocess.hv_watershed used at prediction time ({} = its
+    # defaults); stored with the weights so that a model is evaluated as it was meant to be.
+    postprocess: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -70,6 +73,11 @@ class SegmenterConfig:
             raise ValueError(f"widths must be a non-empty list of channel counts >= 4, got {self.widths}")
         if self.crop is not None and self.crop % (2 ** (len(self.widths) - 1)):
             raise ValueError(f"crop {self.crop} must be divisible by {2 ** (len(self.widths) - 1)} for {len(self.widths)} levels")
+        self.postprocess = dict(self.postprocess)
+        allowed = _watershed_options()
+        unknown = sorted(set(self.postprocess) - allowed)
+        if unknown:
+            raise ValueError(f"unknown postprocess options {unknown}; hv_watershed accepts {sorted(allowed)}")
 
     @property
     def multiple(self) -> int:
@@ -90,8 +98,24 @@ class SegmenterConfig:
 
 
 # tiny: minutes on a laptop CPU; base: a GPU model closer to HoVer-Net's capacity.
+def _watershed_options() -> set[str]:
+    """Keyword options of hv_watershed that a config may set (not the maps or class set)."""
+    import inspect
+
+    names = inspect.signature(hv_watershed).parameters
+    return {n for n in names if n not in ("prob", "hv", "type_probs", "class_set")}
+
+
+# tiny: 4 levels (a 64 px-wide field at the deepest level, enough to see a whole CoNSeP
+# nucleus when predicting its HV distances) at the cost of little compute; 96 px crops and
+# 300 steps (3-15 minutes on 2 CPU cores, depending on what else runs there). Its post-processing uses a 7-tap Sobel and smaller
+# marker openings than HoVer-Net's defaults, which were tuned for HoVer-Net's much
+# smoother, well-trained maps and drop most nuclei of a small network's maps (measured on
+# training tiles, docs/metrics.md).
+TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marker_threshold": 0.5, "open_ksize": 3, "marker_min_size": 5}
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"widths": (16, 32, 64), "blocks": 1, "steps": 300, "batch_size": 4, "lr": 2e-3, "crop": 128},
+    "tiny": {"widths": (16, 32, 64, 128), "blocks": 1, "steps": 300, "batch_size": 4, "lr": 2e-3, "crop": 96,
+             "postprocess": TINY_POSTPROCESS},
     "base": {"widths": (32, 64, 128, 256, 512), "blocks": 2, "steps": 20000, "batch_size": 16, "lr": 1e-3, "crop": 256},
 }
 
@@ -100,7 +124,7 @@ def segmenter_preset(name: str, num_classes: int, **overrides: Any) -> Segmenter
     """The config of preset ``name`` ("tiny" or "base") with optional field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown segmenter preset {name!r}; choose one of {sorted(PRESETS)}")
-    d = dict(PRESETS[name])
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
     d.update({k: v for k, v in overrides.items() if v is not None})
     return SegmenterConfig(num_classes=num_classes, **d)
 
@@ -293,11 +317,15 @@ def predict_layouts(
     device: str | torch.device = "cpu",
     **watershed_params: Any,
 ) -> list[Layout]:
-    """Segment uint8 RGB images (H, W, 3) -> Layouts via the HV watershed (params passed on)."""
+    """Segment uint8 RGB images (H, W, 3) -> Layouts via the HV watershed.
+
+    Its parameters are the model's ``config.postprocess``, updated by ``watershed_params``.
+    """
     from nucsynth.data.dataset import image_to_tensor
 
     if class_set.num_classes != net.config.num_classes:
         raise ValueError(f"class set {class_set.name!r} has {class_set.num_classes} classes, the segmenter {net.config.num_classes}")
+    params = {**net.config.postprocess, **watershed_params}
     dev = torch.device(device)
     net = net.to(dev).eval()
     out: list[Layout] = []
@@ -317,7 +345,7 @@ def predict_layouts(
         tp = res["tp"].softmax(1).numpy()
         hv = res["hv"].numpy()
         for j in range(len(chunk)):
-            out.append(hv_watershed(prob[j], hv[j], tp[j], class_set=class_set, **watershed_params))
+            out.append(hv_watershed(prob[j], hv[j], tp[j], class_set=class_set, **params))
     return out
 
 
