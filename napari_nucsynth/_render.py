@@ -23,6 +23,7 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
+from nucsynth.edit.region import edited_region
 from nucsynth.layout import Layout, Sample
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 
 MODES = ("render", "restyle", "region")
 SAMPLERS = ("dpm++2m", "ddim", "ancestral")
-REGION_MARGIN = 8  # px the edited region is grown by, so the new nuclei blend into their surroundings
 
 
 class RenderCancelled(Exception):
@@ -86,20 +86,6 @@ def load_model(checkpoint: str | Path, device: Any = None) -> Any:
             _MODELS.clear()  # keep one model in memory
             _MODELS[key] = model
         return _MODELS[key]
-
-
-def edited_region(before: Layout, after: Layout, margin: int = REGION_MARGIN) -> np.ndarray:
-    """float32 (H, W) mask, 1 where ``after`` differs from ``before`` (class, nucleus or edge),
-    grown by ``margin`` px: the region to re-render."""
-    from scipy import ndimage as ndi
-
-    if before.shape != after.shape:
-        raise ValueError(f"the layout changed size ({before.shape} -> {after.shape}): render it anew")
-    diff = (before.type_map() != after.type_map()) | (before.edge_map() != after.edge_map())
-    diff |= (before.inst_map > 0) != (after.inst_map > 0)
-    if margin > 0 and diff.any():
-        diff = ndi.binary_dilation(diff, iterations=int(margin))
-    return diff.astype(np.float32)
 
 
 def _lower_thread_priority() -> None:

@@ -85,7 +85,7 @@ def test_render_adds_an_image_beside_the_layout(dock, qtbot) -> None:
 
 
 def test_rerender_region_changes_only_the_edited_region(dock, qtbot) -> None:
-    from napari_nucsynth._render import edited_region
+    from nucsynth.edit.region import edited_region
 
     dock.run_btn.click()
     qtbot.waitUntil(lambda: not dock.running, timeout=120000)
