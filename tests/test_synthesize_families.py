@@ -56,7 +56,7 @@ def _write_csv(path, header="y,x,class", names=False) -> None:
     for y, x, c in POINTS:
         vals = {"y": str(y), "x": str(x), "class": CONSEP_CLASSES.names[c - 1] if names else str(c)}
         lines.append(",".join(vals[k] for k in cols))
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\ufeff" * names + "\n".join(lines) + "\n", encoding="utf-8")  # with names: a BOM too
 
 
 def _common(ckpt: str, out) -> list[str]:
@@ -183,6 +183,8 @@ def test_structure_errors(structure_ckpt, semantic_ckpt, stage2_ckpt, tmp_path, 
     assert main(_common(structure_ckpt, out) + ["--count", "1", "--image-checkpoint", stage2_ckpt,
                                                 "--size", "33,33"]) == 2
     assert "multiple of" in capsys.readouterr().err
+    assert main(_common(structure_ckpt, out) + ["--count", "1", "--image-checkpoint", stage2_ckpt, "--limit", "1"]) == 2
+    assert "--limit" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -195,6 +197,8 @@ def test_semantic_checkpoint_refuses_family_options(semantic_ckpt, tmp_path, cap
     DatasetStore.create(src, CONSEP_CLASSES).append([procedural_sample((SIZE, SIZE), seed=0)])
     assert main(_common(semantic_ckpt, out) + ["--layouts", str(src), "--prompt", "x"]) == 2
     assert "--prompt" in capsys.readouterr().err
+    assert main(_common(semantic_ckpt, out) + ["--layouts", str(src), "--class-source", "points"]) == 2
+    assert "--class-source" in capsys.readouterr().err
     assert not out.exists()
 
 

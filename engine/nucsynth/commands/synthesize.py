@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="H,W canvas in px of structure layouts and of CSV / GeoJSON points (default: the model's training size)")
     p.add_argument("--prompt", default=None,
                    help="joint: one prompt for every layout (default: each layout's own templated prompt)")
-    p.add_argument("--class-source", choices=("label", "points"), default="label",
+    p.add_argument("--class-source", choices=("label", "points"), default=None,
                    help="joint: nucleus classes from the generated label (default) or the given points")
     p.add_argument("--image-checkpoint", default=None,
                    help="structure: the NuDiff stage-2 semantic checkpoint (condition 'structure') rendering the images")
@@ -150,29 +150,32 @@ def read_points_csv(path: Path, shape: tuple[int, int], class_set: Any) -> Any:
     or name of ``class_set``. A point off the canvas is an error, never clipped."""
     from nucsynth.layout import Layout
 
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if not {"y", "x", "class"} <= set(header):
-            raise ValueError(f"{path}: the first line must name the columns y, x and class "
-                             f"(e.g. 'y,x,class' or 'x,y,class'); got {header}")
-        iy, ix, ic = header.index("y"), header.index("x"), header.index("class")
-        cen, cls = [], []
-        for row in reader:
-            if not any(c.strip() for c in row):
-                continue
-            where = f"{path} line {reader.line_num}"
-            if len(row) < len(header):
-                raise ValueError(f"{where}: expected {len(header)} values ({','.join(header)}), got {len(row)}")
-            try:
-                y, x = float(row[iy]), float(row[ix])
-            except ValueError:
-                raise ValueError(f"{where}: y and x must be numbers, got {row[iy]!r}, {row[ix]!r}") from None
-            if not (0 <= y <= shape[0] - 1 and 0 <= x <= shape[1] - 1):
-                raise ValueError(f"{where}: point (y={y}, x={x}) lies outside the {shape[0]}x{shape[1]} canvas "
-                                 "(set the canvas with --size H,W)")
-            cen.append((y, x))
-            cls.append(_class_id(row[ic], class_set, where))
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text CSV file") from None
+    reader = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(reader, [])]
+    if not {"y", "x", "class"} <= set(header):
+        raise ValueError(f"{path}: the first line must name the columns y, x and class "
+                         f"(e.g. 'y,x,class' or 'x,y,class'); got {header}")
+    iy, ix, ic = header.index("y"), header.index("x"), header.index("class")
+    cen, cls = [], []
+    for row in reader:
+        if not any(c.strip() for c in row):
+            continue
+        where = f"{path} line {reader.line_num}"
+        if len(row) < len(header):
+            raise ValueError(f"{where}: expected {len(header)} values ({','.join(header)}), got {len(row)}")
+        try:
+            y, x = float(row[iy]), float(row[ix])
+        except ValueError:
+            raise ValueError(f"{where}: y and x must be numbers, got {row[iy]!r}, {row[ix]!r}") from None
+        if not (0 <= y <= shape[0] - 1 and 0 <= x <= shape[1] - 1):
+            raise ValueError(f"{where}: point (y={y}, x={x}) lies outside the {shape[0]}x{shape[1]} canvas "
+                             "(set the canvas with --size H,W)")
+        cen.append((y, x))
+        cls.append(_class_id(row[ic], class_set, where))
     if not cen:
         raise ValueError(f"{path} holds no points (expected a header y,x,class and one line per nucleus)")
     return Layout.from_points(shape, np.asarray(cen, float), np.asarray(cls, np.int64), class_set)
@@ -251,6 +254,9 @@ _FAMILY_OPTIONS = {
     "--prompt": ("prompt", ("joint",), "the text prompt of the joint model"),
     "--image-checkpoint": ("image_checkpoint", ("structure",), "the NuDiff stage-2 image model of a structure model"),
     "--strength": ("strength", ("semantic",), "partial noising of a real image"),
+    "--class-source": ("class_source", ("joint",), "where the joint model's nucleus classes come from"),
+    "--split": ("split", ("semantic", "joint"), "the split of a source store"),
+    "--limit": ("limit", ("semantic", "joint"), "how many source patches to use"),
 }
 
 
@@ -307,13 +313,14 @@ def _joint_batches(model: Any, args: argparse.Namespace, attrs: dict[str, Any]) 
     if not layouts:
         raise ValueError(f"--layouts {args.layouts} holds no patches")
     guidance = _guidance(model, args)
-    attrs.update(guidance=guidance, prompt=args.prompt, class_source=args.class_source)
+    class_source = args.class_source or "label"
+    attrs.update(guidance=guidance, prompt=args.prompt, class_source=class_source)
 
     def batches() -> Iterator[list[Any]]:
         for start in range(0, len(layouts), args.batch_size):
             out = model.sample(layouts[start : start + args.batch_size], prompts=args.prompt, steps=args.steps,
                                guidance=guidance, seed=args.seed + start, sampler=args.sampler,
-                               class_source=args.class_source)
+                               class_source=class_source)
             yield [_with_provenance(o, {"mode": "points", "source_index": start + i, **sources[start + i]})
                    for i, o in enumerate(out)]
 
