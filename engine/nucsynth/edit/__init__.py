@@ -1,4 +1,5 @@
-"""Layout editors: DiffMix balancing and enlarging maps, and the GradMix pixel blend baseline."""
+"""Layout editors: DiffMix balancing and enlarging maps, the GradMix pixel blend baseline,
+and the region an edit changed (for re-rendering only that region)."""
 
 from nucsynth.edit.balance import (
     BalanceReport,
@@ -9,6 +10,7 @@ from nucsynth.edit.balance import (
     collect_rare_pool,
 )
 from nucsynth.edit.enlarge import enlarge_layout
+from nucsynth.edit.region import REGION_MARGIN, edited_region
 
 __all__ = [
     "BalanceReport",
@@ -18,4 +20,6 @@ __all__ = [
     "balance_layout_report",
     "collect_rare_pool",
     "enlarge_layout",
+    "edited_region",
+    "REGION_MARGIN",
 ]
