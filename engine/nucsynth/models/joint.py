@@ -29,7 +29,8 @@ Embedding(current label) gives ``embed_dim`` channels, the input of the U-Net
 Heads: the U-Net's output conv is zero-initialized; its channels are the three heads
 (3 image-noise, 1 distance-noise, K+1 label-logit channels), so a fresh network predicts
 zero noise and uniform labels. Loss: 9 * L_image + 1 * L_distance + 3 * L_label (MSE of
-the noise, MSE of the noise, multinomial KL), configurable.
+the noise, MSE of the noise, and T x the per-step multinomial KL: the ELBO estimate of the
+whole label chain, on the scale of the MSEs), configurable.
 
 Guidance (classifier-free, one batched pass; ours: out_c + s (out_c - out_u), co-synthesis'
 w = s + 1): the null condition drops the text, and with ``guide_points`` also the points.
