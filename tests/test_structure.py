@@ -1,5 +1,7 @@
 """The structure family (NuDiff stage 1): config, structure <-> Layout, loss, sampling,
-checkpoint round trip. The training run on real CoNSeP data is in test_structure_train.py."""
+checkpoint round trip, and the watershed on true structures of real CoNSeP crops. A training
+run on real data is scripts/check_structure_joint.py --family structure (figures in
+docs/models.md)."""
 
 from __future__ import annotations
 
