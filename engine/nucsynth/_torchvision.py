@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["import_torchvision"]
 
-_TORCHVISION_PLACEHOLDERS: list[Any] = []  # keeps the placeholder library registered
+_TORCHVISION_OP_SCHEMAS: list[Any] = []  # keeps the stand-in op library registered
 
 
 def import_torchvision() -> None:
@@ -21,7 +21,7 @@ def import_torchvision() -> None:
 
     The PyPI torchvision wheel is a CUDA build; where its compiled ops cannot load,
     ``import torchvision`` fails with "operator torchvision::nms does not exist" (its meta
-    registrations look the op up). Defining placeholder schemas for ``nms``/``qnms`` first
+    registrations look the op up). Defining stand-in schemas for ``nms``/``qnms`` first
     lets the import finish; the engine never calls these ops. Where torchvision
     imports normally (its ops load), nothing is changed. open_clip imports torchvision, so
     call this just before importing open_clip.
@@ -39,5 +39,5 @@ def import_torchvision() -> None:
     lib = torch.library.Library("torchvision", "DEF")
     for op in ("nms", "qnms"):
         lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_PLACEHOLDERS.append(lib)
+    _TORCHVISION_OP_SCHEMAS.append(lib)
     import torchvision  # noqa: F401,F811
