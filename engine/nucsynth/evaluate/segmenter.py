@@ -107,14 +107,14 @@ def _watershed_options() -> set[str]:
 
 
 # tiny: 4 levels (a 64 px-wide field at the deepest level, enough to see a whole CoNSeP
-# nucleus when predicting its HV distances) at the cost of little compute; 96 px crops and
-# 300 steps (3-15 minutes on 2 CPU cores, depending on what else runs there). Its post-processing uses a 7-tap Sobel and smaller
-# marker openings than HoVer-Net's defaults, which were tuned for HoVer-Net's much
-# smoother, well-trained maps and drop most nuclei of a small network's maps (measured on
-# training tiles, docs/metrics.md).
+# nucleus when predicting its HV distances) at the cost of little compute; 96 px crops;
+# 1000 steps (about 5 minutes on 2 free CPU cores, several times that on shared ones).
+# Its post-processing uses a 7-tap Sobel and smaller marker openings than HoVer-Net's
+# defaults, which were tuned for HoVer-Net's smooth, well-trained maps and drop most
+# nuclei of a small network's maps (measured on training tiles, docs/metrics.md).
 TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marker_threshold": 0.5, "open_ksize": 3, "marker_min_size": 5}
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"widths": (16, 32, 64, 128), "blocks": 1, "steps": 300, "batch_size": 4, "lr": 2e-3, "crop": 96,
+    "tiny": {"widths": (16, 32, 64, 128), "blocks": 1, "steps": 1000, "batch_size": 4, "lr": 2e-3, "crop": 96,
              "postprocess": TINY_POSTPROCESS},
     "base": {"widths": (32, 64, 128, 256, 512), "blocks": 2, "steps": 20000, "batch_size": 16, "lr": 1e-3, "crop": 256},
 }
