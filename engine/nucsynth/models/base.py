@@ -35,13 +35,17 @@ _REGISTRY: dict[str, type["ModelFamily"]] = {}
 class ModelFamily(ABC):
     """Base class of a model family.
 
-    Subclasses set ``name`` (the registry key stored in checkpoints) and implement
-    :meth:`from_preset`, :meth:`from_config_dict`, :meth:`config_dict`, :meth:`build_network`,
+    Subclasses set ``name`` (the registry key stored in checkpoints) and ``config_type`` (a
+    config dataclass with ``to_dict`` / ``from_dict`` and a ``class_set`` field, kept in
+    ``self.config``), and implement :meth:`from_preset`, :meth:`build_network`,
     :meth:`training_loss` and :meth:`preview`. ``net`` is the network used by sampling
     methods; :func:`nucsynth.checkpoint.load_checkpoint` sets it (EMA weights by default).
     """
 
     name: ClassVar[str] = ""
+    #: the family's config dataclass (``from_dict``, ``to_dict``, ``class_set``)
+    config_type: ClassVar[Any] = None
+    config: Any
     #: maps requested from ``SampleDataset`` for a training batch (besides "image")
     data_maps: ClassVar[tuple[str, ...]] = ()
 
@@ -59,13 +63,18 @@ class ModelFamily(ABC):
         patches of ``class_set`` (what ``nucsynth train --family F --preset P`` builds)."""
 
     @classmethod
-    @abstractmethod
     def from_config_dict(cls, d: Mapping[str, Any]) -> "ModelFamily":
         """Rebuild the family (without weights) from :meth:`config_dict`'s output."""
+        return cls(cls.config_type.from_dict(d))  # type: ignore[call-arg]
 
-    @abstractmethod
     def config_dict(self) -> dict[str, Any]:
         """JSON-friendly config: everything needed to rebuild the network and sampler."""
+        return self.config.to_dict()
+
+    @property
+    def class_set(self) -> "ClassSet":
+        """The classes of the model's training data and of the Layouts it returns."""
+        return self.config.class_set
 
     @property
     def preset(self) -> str | None:

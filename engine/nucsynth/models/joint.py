@@ -281,6 +281,7 @@ class JointModel(ModelFamily):
     """Points + prompt -> image, distance map and label -> instances at the points."""
 
     name = "joint"
+    config_type = JointConfig
     data_maps = ("dist", "type_map", "points")
     log_keys = ("image", "distance", "label")
 
@@ -299,18 +300,6 @@ class JointModel(ModelFamily):
     def from_preset(cls, name: str = "tiny", image_size: int = 64, class_set: ClassSet = CONSEP_CLASSES, **kw: Any) -> "JointModel":
         """A fresh (untrained) model; see :meth:`JointConfig.from_preset`."""
         return cls(JointConfig.from_preset(name, image_size, class_set, **kw))
-
-    @classmethod
-    def from_config_dict(cls, d: Mapping[str, Any]) -> "JointModel":
-        return cls(JointConfig.from_dict(d))
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    @property
-    def class_set(self) -> ClassSet:
-        """The classes the model was trained on."""
-        return self.config.class_set
 
     def build_network(self) -> torch.nn.Module:
         return JointNet(self.config)

@@ -15,7 +15,7 @@ DiffMix renders an edited label map by partially noising the REAL image of the p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -172,6 +172,7 @@ class SemanticModel(ModelFamily):
     """Label map -> H&E image (SDM / NASDM / DiffMix). See the module docstring."""
 
     name = "semantic"
+    config_type = SemanticConfig
     log_keys = ("mse", "vb")
 
     def __init__(self, config: SemanticConfig | None = None) -> None:
@@ -196,18 +197,6 @@ class SemanticModel(ModelFamily):
         if self.config.condition == "structure":
             return ("mask", "hv")
         return ("onehot", "edge") if self.config.edges else ("onehot",)
-
-    @classmethod
-    def from_config_dict(cls, d: Mapping[str, Any]) -> "SemanticModel":
-        return cls(SemanticConfig.from_dict(d))
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    @property
-    def class_set(self) -> ClassSet:
-        """The classes the model was trained on."""
-        return self.config.class_set
 
     def build_network(self) -> torch.nn.Module:
         from nucsynth.nets import SpadeUNet, UNetConfig

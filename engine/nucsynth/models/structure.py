@@ -168,6 +168,7 @@ class StructureModel(ModelFamily):
     """Unconditional diffusion over (mask, H, V) structures -> Layouts (NuDiff stage 1)."""
 
     name = "structure"
+    config_type = StructureConfig
     data_maps = ("mask", "hv")
     log_keys = ("mse", "vb")
 
@@ -189,18 +190,6 @@ class StructureModel(ModelFamily):
         """A fresh (untrained) model; see :meth:`StructureConfig.from_preset`. Structures
         are class-free, so any ``class_set`` only names the class set of the output Layouts."""
         return cls(StructureConfig.from_preset(name, image_size, class_set, **kw))
-
-    @classmethod
-    def from_config_dict(cls, d: Mapping[str, Any]) -> "StructureModel":
-        return cls(StructureConfig.from_dict(d))
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    @property
-    def class_set(self) -> ClassSet:
-        """The class set of the Layouts this model returns (all nuclei class 0)."""
-        return self.config.class_set
 
     def build_network(self) -> torch.nn.Module:
         from nucsynth.nets import SpadeUNet, UNetConfig
