@@ -18,9 +18,10 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported lazily so that `import nucsynth.models` stays cheap
     import torch
 
+    from nucsynth.diffusion import GaussianDiffusion
     from nucsynth.layout import ClassSet
 
-__all__ = ["ModelFamily", "register_family", "get_family", "family_names", "KNOWN_FAMILY_MODULES"]
+__all__ = ["ModelFamily", "gaussian_diffusion", "register_family", "get_family", "family_names", "KNOWN_FAMILY_MODULES"]
 
 # Families shipped with the engine: name -> module that registers it when imported.
 KNOWN_FAMILY_MODULES: dict[str, str] = {
@@ -117,6 +118,17 @@ class ModelFamily(ABC):
     def describe(self) -> str:
         """One line for logs: family, preset and size."""
         return f"{self.name} (preset {self.preset}, image size {self.image_size})"
+
+
+def gaussian_diffusion(config: Any) -> "GaussianDiffusion":
+    """The Gaussian diffusion process a family config describes (fields ``schedule``,
+    ``timesteps``, ``prediction``, ``learned_variance``, ``vb_weight``)."""
+    from nucsynth.diffusion import GaussianDiffusion, make_betas
+
+    return GaussianDiffusion(
+        make_betas(config.schedule, config.timesteps), prediction=config.prediction,
+        learned_variance=config.learned_variance, vb_weight=config.vb_weight,
+    )
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:

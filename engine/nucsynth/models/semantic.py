@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, Sample
-from nucsynth.models.base import ModelFamily, register_family
+from nucsynth.models.base import ModelFamily, gaussian_diffusion, register_family
 
 __all__ = ["SemanticConfig", "SemanticModel", "to_uint8"]
 
@@ -178,13 +178,7 @@ class SemanticModel(ModelFamily):
     def __init__(self, config: SemanticConfig | None = None) -> None:
         super().__init__()
         self.config = config or SemanticConfig.from_preset("tiny")
-        from nucsynth.diffusion import GaussianDiffusion, make_betas
-
-        c = self.config
-        self.diffusion = GaussianDiffusion(
-            make_betas(c.schedule, c.timesteps), prediction=c.prediction,
-            learned_variance=c.learned_variance, vb_weight=c.vb_weight,
-        )
+        self.diffusion = gaussian_diffusion(self.config)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", image_size: int = 64, class_set: ClassSet = CONSEP_CLASSES, **kw: Any) -> "SemanticModel":

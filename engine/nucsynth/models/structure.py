@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from nucsynth.layout import NUCLEUS_CLASSES, ClassSet, Layout
-from nucsynth.models.base import ModelFamily, register_family
+from nucsynth.models.base import ModelFamily, gaussian_diffusion, register_family
 from nucsynth.postprocess import SHARP_MAP_PARAMS
 
 __all__ = ["StructureConfig", "StructureModel", "PAPER_TRAINING", "structure_from_layout", "layout_from_structure"]
@@ -175,13 +175,7 @@ class StructureModel(ModelFamily):
     def __init__(self, config: StructureConfig | None = None) -> None:
         super().__init__()
         self.config = config or StructureConfig.from_preset("tiny")
-        from nucsynth.diffusion import GaussianDiffusion, make_betas
-
-        c = self.config
-        self.diffusion = GaussianDiffusion(
-            make_betas(c.schedule, c.timesteps), prediction=c.prediction,
-            learned_variance=c.learned_variance, vb_weight=c.vb_weight,
-        )
+        self.diffusion = gaussian_diffusion(self.config)
 
     @classmethod
     def from_preset(
