@@ -28,6 +28,9 @@ __all__ = [
     "Layout",
     "Sample",
     "LayoutError",
+    "ClassSetMismatch",
+    "class_lut",
+    "parse_class_map",
     "CONSEP_CLASSES",
     "NUCLEUS_CLASSES",
     "PANNUKE_CLASSES",
@@ -39,6 +42,10 @@ __all__ = [
 
 class LayoutError(ValueError):
     """A Layout, Sample or ClassSet was built from invalid data."""
+
+
+class ClassSetMismatch(LayoutError):
+    """Two class sets name different classes and no mapping says how one maps onto the other."""
 
 
 Colour = tuple[int, int, int]
@@ -127,6 +134,82 @@ LIZARD_CLASSES = ClassSet(
     ((255, 128, 0), (0, 0, 255), (0, 255, 0), (0, 255, 255), (255, 0, 255), (255, 255, 0)),
     rare=5,
 )
+
+
+ClassMap = Mapping[Any, Any]  # source class (name or 1-based id) -> target class (name, id, or 0 = unknown)
+
+
+def _class_ref(cs: ClassSet, ref: Any, side: str, allow_unknown: bool) -> int:
+    """The id in ``cs`` of a class given by name (any case) or by id; 0 only if ``allow_unknown``."""
+    if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.strip().isdigit()):
+        k = int(ref)
+        lo = 0 if allow_unknown else 1
+        if not lo <= k <= cs.num_classes:
+            raise LayoutError(f"class mapping: {side} class id {k} is outside {lo}..{cs.num_classes} of "
+                              f"{cs.name!r} {list(cs.names)}")
+        return k
+    name = str(ref).strip().lower()
+    if allow_unknown and name == "unknown":
+        return 0
+    lookup = {n.strip().lower(): i for i, n in enumerate(cs.names, start=1)}
+    if name not in lookup:
+        raise LayoutError(f"class mapping: {side} class {ref!r} is not in {cs.name!r} {list(cs.names)}")
+    return lookup[name]
+
+
+def class_lut(source: ClassSet, target: ClassSet, mapping: ClassMap | None = None) -> np.ndarray:
+    """How class ids of ``source`` translate to ``target``: int64 (K_source + 1,), ``lut[k]``
+    is the target id of source class k (``lut[0] = 0``: unknown stays unknown).
+
+    Classes are matched by NAME (case and surrounding spaces ignored), never by position,
+    so the same classes listed in another order translate exactly. ``mapping`` names the
+    target class of source classes (keys: source class name or 1-based id; values: target
+    class name, id, or 0 / ``"unknown"``); it overrides the name match and may merge
+    classes. Raises :class:`ClassSetMismatch` naming every source class that has neither a
+    same-named target class nor a mapping entry, and :class:`LayoutError` for a mapping
+    entry naming a class that does not exist.
+    """
+    lut = np.zeros(source.num_classes + 1, np.int64)
+    lookup = {n.strip().lower(): i for i, n in enumerate(target.names, start=1)}
+    explicit = {_class_ref(source, k, "source", False): _class_ref(target, v, "target", True)
+                for k, v in (mapping or {}).items()}
+    missing = []
+    for k, name in enumerate(source.names, start=1):
+        if k in explicit:
+            lut[k] = explicit[k]
+        elif name.strip().lower() in lookup:
+            lut[k] = lookup[name.strip().lower()]
+        else:
+            missing.append(name)
+    if missing:
+        example = ",".join(f"{m}={target.names[0]}" for m in missing[:2])
+        raise ClassSetMismatch(
+            f"class set {source.name!r} {list(source.names)} does not match {target.name!r} {list(target.names)}: "
+            f"no class of {target.name!r} is called {missing}; give a class mapping (e.g. {example!r}, "
+            f"or NAME=unknown)"
+        )
+    return lut
+
+
+def parse_class_map(text: str) -> dict[str, str]:
+    """A class mapping from text ``"dead=other, connective=spindle"`` (source=target pairs).
+
+    Raises :class:`LayoutError` for an entry without exactly one ``=`` or with an empty side,
+    and for a source class given twice.
+    """
+    out: dict[str, str] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        parts = [p.strip() for p in item.split("=")]
+        if len(parts) != 2 or not all(parts):
+            raise LayoutError(f"class mapping entry {item!r}: expected SOURCE=TARGET (e.g. 'dead=other')")
+        if parts[0].lower() in {k.lower() for k in out}:
+            raise LayoutError(f"class mapping: source class {parts[0]!r} is given twice")
+        out[parts[0]] = parts[1]
+    if not out:
+        raise LayoutError(f"class mapping {text!r} holds no SOURCE=TARGET entry")
+    return out
 
 
 def _as_int_array(a: Any, what: str, ndim: int) -> np.ndarray:
@@ -219,8 +302,16 @@ class Layout:
         centroid... nowhere, so they are not allowed here: relabel with
         :func:`relabel_contiguous` first if ids have gaps.
         """
-        inst = _as_int_array(inst_map, "inst_map", 2).astype(np.int32)
+        inst = _as_int_array(inst_map, "inst_map", 2)
         n = int(inst.max()) if inst.size else 0
+        if n > np.iinfo(np.int32).max:
+            raise LayoutError(f"inst_map holds id {n}, beyond the int32 range; relabel ids to 1..N first")
+        inst = inst.astype(np.int32)
+        if n > inst.size:  # more ids than pixels: cannot be contiguous (and n-sized tables would be huge)
+            raise LayoutError(
+                f"inst_map holds id {n} in {inst.size} pixels, so ids are not contiguous 1..N; "
+                "use nucsynth.layout.relabel_contiguous first"
+            )
         cls_arr = np.zeros(n, np.int64) if classes is None else np.asarray(classes)
         cen = _centroids_of(inst, n)
         missing = np.flatnonzero(np.isnan(cen[:, 0]))
@@ -277,6 +368,15 @@ class Layout:
             and np.array_equal(self.classes, other.classes)
             and np.array_equal(self.centroids, other.centroids)
         )
+
+    def to_class_set(self, target: ClassSet, mapping: ClassMap | None = None) -> "Layout":
+        """This layout with its classes expressed in ``target`` (matched by name, see
+        :func:`class_lut`); ``self`` when the class sets are already equal. Raises
+        :class:`ClassSetMismatch` when a class has no counterpart and no mapping entry."""
+        if self.class_set == target and not mapping:
+            return self
+        lut = class_lut(self.class_set, target, mapping)
+        return Layout(self.inst_map, lut[self.classes], self.centroids, target)
 
     # ------------------------------------------------------------------ derived maps
     def type_map(self) -> np.ndarray:
@@ -403,11 +503,20 @@ def relabel_contiguous(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns the new int32 map and ``old_ids`` (N,) with ``old_ids[i]`` the old id of new id i+1.
     """
     inst = _as_int_array(inst_map, "inst_map", 2)
-    old = np.unique(inst)
-    old = old[old != 0]
-    lut = np.zeros(int(inst.max()) + 1 if inst.size else 1, np.int32)
-    lut[old] = np.arange(1, old.size + 1, dtype=np.int32)
-    return lut[inst], old.astype(np.int64)
+    top = int(inst.max()) if inst.size else 0
+    if top <= 4 * inst.size + 1024:  # a lookup table no larger than a few maps: fastest
+        old = np.unique(inst)
+        old = old[old != 0]
+        lut = np.zeros(top + 1, np.int32)
+        lut[old] = np.arange(1, old.size + 1, dtype=np.int32)
+        return lut[inst], old.astype(np.int64)
+    # Huge ids (e.g. 2**31 - 1 in a small map): memory must follow the pixels, not the largest id.
+    vals, inverse = np.unique(inst, return_inverse=True)
+    new = inverse.reshape(inst.shape).astype(np.int32)
+    if vals[0] != 0:
+        new += 1
+        return new, vals.astype(np.int64)
+    return new, vals[1:].astype(np.int64)
 
 
 def transform_hv(hv: np.ndarray, op: str, k: int = 1) -> np.ndarray:

@@ -299,10 +299,11 @@ def class_pq(true: Layout, pred: Layout, match_iou: float = 0.5) -> dict[str, di
 
     Only instances of class c take part in the PQ of class c (both sides); a class absent
     from both truth and prediction gets NaN scores. Unknown (0) instances take no part.
+    The prediction's classes are matched to the truth's class set by name
+    (:meth:`Layout.to_class_set`); a class set naming other classes is refused.
     """
     t, p = _layout(true, "true"), _layout(pred, "pred")
-    if t.class_set.num_classes != p.class_set.num_classes:
-        raise ValueError(f"true has {t.class_set.num_classes} classes, pred {p.class_set.num_classes}")
+    p = p.to_class_set(t.class_set)  # classes are matched by name, never by position
     ov = overlap_table(t.inst_map, p.inst_map)
     counts = _class_counts_pq(ov, _instance_classes(t, ov.true_ids), _instance_classes(p, ov.pred_ids),
                               t.class_set.num_classes, match_iou)
@@ -328,6 +329,14 @@ def match_centroids(true_yx: np.ndarray, pred_yx: np.ndarray, radius: float = 12
     return r[keep], c[keep]
 
 
+def _in_class_set(ts: list[Layout], ps: list[Layout]) -> tuple[list[Layout], list[Layout]]:
+    """Both lists with classes in the first truth's class set (matched by name, never by position)."""
+    if not ts:
+        return ts, ps
+    cs = ts[0].class_set
+    return [t.to_class_set(cs) for t in ts], [p.to_class_set(cs) for p in ps]
+
+
 def _as_layout_list(x: Any, what: str) -> list[Layout]:
     if isinstance(x, Layout):
         return [x]
@@ -346,8 +355,11 @@ def detection_classification(true_layouts: Any, pred_layouts: Any, radius: float
     F_c = 2(TP_c + TN_c) / (2(TP_c + TN_c) + 2FP_c + 2FN_c + FP_d,c + FN_d,c), where TN_c is
     0 by that restriction and FP_d,c / FN_d,c count unpaired predictions / truths of class c.
     Ratios with a zero denominator are NaN. Accepts one Layout or sequences of Layouts.
+    Classes are compared through the first truth's class set, matched by name
+    (:meth:`Layout.to_class_set`); a class set naming other classes is refused.
     """
     ts, ps = _as_layout_list(true_layouts, "true_layouts"), _as_layout_list(pred_layouts, "pred_layouts")
+    ts, ps = _in_class_set(ts, ps)
     if len(ts) != len(ps):
         raise ValueError(f"{len(ts)} true layouts but {len(ps)} predicted ones: they must pair up")
     if not ts:
@@ -413,6 +425,7 @@ def evaluate_set(true_layouts: Sequence[Layout], pred_layouts: Sequence[Layout],
     ts, ps = _as_layout_list(true_layouts, "true_layouts"), _as_layout_list(pred_layouts, "pred_layouts")
     if len(ts) != len(ps) or not ts:
         raise ValueError(f"need equally many true and predicted layouts (>= 1), got {len(ts)} and {len(ps)}")
+    ts, ps = _in_class_set(ts, ps)
     k = ts[0].class_set.num_classes
     per_image: list[dict[str, float]] = []
     totals = np.zeros(4)

@@ -1,0 +1,138 @@
+"""Class identity: class sets are matched by class NAME (never by position or count)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from nucsynth.layout import (
+    CONSEP_CLASSES,
+    PANNUKE_CLASSES,
+    ClassSet,
+    ClassSetMismatch,
+    Layout,
+    LayoutError,
+    class_lut,
+    parse_class_map,
+    relabel_contiguous,
+)
+from nucsynth.metrics import class_pq, detection_classification, evaluate_set
+
+# The four CoNSeP classes listed in another order (what a folder's sorted class CSV gives).
+SORTED_CONSEP = ClassSet("folder", ("epithelial", "inflammatory", "other", "spindle"), ((1, 2, 3),) * 4)
+
+
+def _in(layout: Layout, cs: ClassSet) -> Layout:
+    """The same nuclei re-expressed in ``cs`` by name (built by hand, not by the code under test)."""
+    by_name = {n: i for i, n in enumerate(cs.names, start=1)}
+    cls = np.array([by_name[layout.class_set.names[c - 1]] if c else 0 for c in layout.classes], np.int64)
+    return Layout(layout.inst_map, cls, layout.centroids, cs)
+
+
+def _truth_and_pred() -> tuple[Layout, Layout]:
+    rng = np.random.default_rng(3)
+    inst = np.zeros((64, 64), np.int32)
+    for i in range(12):
+        y, x = divmod(i, 4)
+        inst[4 + 14 * y : 12 + 14 * y, 3 + 15 * x : 11 + 15 * x] = i + 1
+    classes = np.array([1, 2, 3, 4] * 3)
+    truth = Layout.from_inst_map(inst, classes, CONSEP_CLASSES)
+    pred_map = np.roll(inst, 1, axis=1)
+    pred_cls = classes.copy()
+    pred_cls[rng.choice(12, 4, replace=False)] = rng.integers(1, 5, 4)
+    return truth, Layout.from_inst_map(pred_map, pred_cls, CONSEP_CLASSES)
+
+
+def test_class_lut_matches_by_name():
+    assert class_lut(SORTED_CONSEP, CONSEP_CLASSES).tolist() == [0, 3, 2, 1, 4]
+    assert class_lut(CONSEP_CLASSES, CONSEP_CLASSES).tolist() == [0, 1, 2, 3, 4]
+    upper = ClassSet("u", (" Other", "INFLAMMATORY", "Epithelial", "spindle "), ((0, 0, 0),) * 4)
+    assert class_lut(upper, CONSEP_CLASSES).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_class_sets_of_equal_size_but_other_classes_are_refused():
+    other4 = ClassSet("x", ("a", "inflammatory", "c", "spindle"), ((0, 0, 0),) * 4)
+    with pytest.raises(ClassSetMismatch, match=r"\['a', 'c'\].*class mapping"):
+        class_lut(other4, CONSEP_CLASSES)
+    with pytest.raises(ClassSetMismatch, match="dead"):
+        class_lut(PANNUKE_CLASSES, CONSEP_CLASSES)
+
+
+def test_explicit_mapping_by_names_and_ids():
+    m = parse_class_map("neoplastic=epithelial, connective = spindle, dead=unknown, epithelial=3")
+    assert class_lut(PANNUKE_CLASSES, CONSEP_CLASSES, m).tolist() == [0, 3, 2, 4, 0, 3]
+    assert class_lut(PANNUKE_CLASSES, CONSEP_CLASSES, {1: 3, 3: "spindle", 4: 1, 5: "epithelial"}).tolist() == [0, 3, 2, 4, 1, 3]
+    with pytest.raises(LayoutError, match="target class 'stroma' is not in 'consep4'"):
+        class_lut(PANNUKE_CLASSES, CONSEP_CLASSES, {"dead": "stroma"})
+    with pytest.raises(LayoutError, match="source class id 9 is outside 1..5"):
+        class_lut(PANNUKE_CLASSES, CONSEP_CLASSES, {9: 1})
+
+
+@pytest.mark.parametrize("text, msg", [("dead", "SOURCE=TARGET"), ("dead=", "SOURCE=TARGET"), ("a=b=c", "SOURCE=TARGET"),
+                                       ("a=b,A=c", "given twice"), (" , ", "holds no")])
+def test_parse_class_map_errors(text, msg):
+    with pytest.raises(LayoutError, match=msg):
+        parse_class_map(text)
+
+
+def test_to_class_set_keeps_each_nucleus_class():
+    truth, _ = _truth_and_pred()
+    moved = _in(truth, SORTED_CONSEP).to_class_set(CONSEP_CLASSES)
+    assert moved.class_set == CONSEP_CLASSES
+    np.testing.assert_array_equal(moved.classes, truth.classes)
+    assert truth.to_class_set(CONSEP_CLASSES) is truth
+
+
+def test_scores_through_a_reordered_class_set_equal_the_original_order():
+    truth, pred = _truth_and_pred()
+    reordered = _in(pred, SORTED_CONSEP)
+    assert class_pq(truth, reordered) == class_pq(truth, pred)
+    d0, d1 = detection_classification(truth, pred), detection_classification(truth, reordered)
+    assert d1 == d0
+    # The pred is a perfect copy in classes but reordered: accuracy 1, not what position gives.
+    assert detection_classification(truth, _in(truth, SORTED_CONSEP))["acc"] == 1.0
+    e0, e1 = evaluate_set([truth], [pred]), evaluate_set([truth], [reordered])
+    assert e1["class_pq"] == e0["class_pq"] and e1["detection"] == e0["detection"]
+    # truths in two orders are brought into the first truth's class set as well
+    e2 = evaluate_set([truth, _in(truth, SORTED_CONSEP)], [pred, reordered])
+    assert e2["detection"]["acc"] == pytest.approx(d0["acc"])
+
+
+def test_scoring_across_unmapped_class_sets_is_refused():
+    truth, pred = _truth_and_pred()
+    pan = Layout(pred.inst_map, pred.classes, pred.centroids, PANNUKE_CLASSES)
+    for f in (class_pq, detection_classification, evaluate_set):
+        with pytest.raises(ClassSetMismatch, match="neoplastic"):
+            f(truth, pan) if f is not evaluate_set else f([truth], [pan])
+
+
+def test_huge_instance_id_costs_memory_of_the_pixels_not_of_the_id():
+    m = np.zeros((16, 16), np.int64)
+    m[2:5, 2:5] = 2**31 - 1
+    m[8, 8] = 7
+    tracemalloc.start()
+    try:
+        new, old = relabel_contiguous(m)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+    assert old.tolist() == [7, 2**31 - 1]
+    assert new[8, 8] == 1 and (new[2:5, 2:5] == 2).all() and new.sum() == 1 + 2 * 9
+    with pytest.raises(LayoutError, match=r"id 2147483647 in 256 pixels.*relabel_contiguous"):
+        Layout.from_inst_map(m, None, CONSEP_CLASSES)
+
+
+def test_relabel_contiguous_both_paths_agree():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 6, (20, 20)) * 3
+    big = np.where(small > 0, small + 2**30, 0)
+    a, oa = relabel_contiguous(small)
+    b, ob = relabel_contiguous(big)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(oa + 2**30, ob)
+    nz = rng.integers(1, 5, (4, 4)) + 2**30  # no background at all
+    c, oc = relabel_contiguous(nz)
+    assert c.min() == 1 and (oc[c - 1] == nz).all()
