@@ -136,3 +136,87 @@ def test_relabel_contiguous_both_paths_agree():
     nz = rng.integers(1, 5, (4, 4)) + 2**30  # no background at all
     c, oc = relabel_contiguous(nz)
     assert c.min() == 1 and (oc[c - 1] == nz).all()
+
+
+# ---------------------------------------------------------------------- conditioning a model
+def test_semantic_condition_draws_each_nucleus_in_its_own_class():
+    torch = pytest.importorskip("torch")
+    from nucsynth.models.semantic import SemanticModel
+
+    model = SemanticModel.from_preset("tiny", 64, CONSEP_CLASSES)
+    truth, _ = _truth_and_pred()
+    assert torch.equal(model.condition([_in(truth, SORTED_CONSEP)]), model.condition([truth]))
+    with pytest.raises(ClassSetMismatch, match="neoplastic"):
+        model.condition([Layout(truth.inst_map, truth.classes, truth.centroids, PANNUKE_CLASSES)])
+
+
+def _folder(root, names_by_id: dict[int, str]):
+    """A plain folder (images/, labels/, classes.csv naming classes) of one 32 px patch."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    inst = np.zeros((32, 32), np.uint8)
+    for i in names_by_id:
+        inst[2 + 7 * (i - 1) : 7 + 7 * (i - 1), 4:10] = i
+    Image.fromarray(inst).save(root / "labels" / "p_0.png")
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(root / "images" / "p_0.png")
+    rows = "".join(f"p_0,{i},{n}\n" for i, n in names_by_id.items())
+    (root / "classes.csv").write_text("image,id,class\n" + rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def semantic_ckpt(tmp_path_factory) -> str:
+    torch = pytest.importorskip("torch")
+    from nucsynth.checkpoint import save_checkpoint
+    from nucsynth.models.semantic import SemanticModel
+
+    torch.manual_seed(0)
+    model = SemanticModel.from_preset("tiny", 32, CONSEP_CLASSES)
+    path = tmp_path_factory.mktemp("ckpt") / "semantic"
+    save_checkpoint(path, model, model.build_network(), step=0)
+    return str(path)
+
+
+def test_synthesize_refuses_other_classes_before_sampling(tmp_path, semantic_ckpt, monkeypatch, capsys):
+    from nucsynth.cli import main
+    from nucsynth.models.semantic import SemanticModel
+
+    def never(*a, **k):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(SemanticModel, "sample", never)
+    src = _folder(tmp_path / "pan", {1: "neoplastic", 2: "dead", 3: "inflammatory"})
+    out = tmp_path / "out.zarr"
+    rc = main(["synthesize", "--checkpoint", semantic_ckpt, "--layouts", str(src), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "['dead', 'neoplastic']" in err and "--class-map" in err
+    assert not list(tmp_path.glob(".*")), "no temporary store left behind"
+
+
+def test_synthesize_maps_classes_by_name_and_by_class_map(tmp_path, semantic_ckpt, monkeypatch):
+    from nucsynth.cli import main
+    from nucsynth.io.store import DatasetStore
+    from nucsynth.models.semantic import SemanticModel
+
+    seen: list[Layout] = []
+    real = SemanticModel.sample
+
+    def spy(self, layouts, *a, **k):
+        seen.extend(layouts)
+        return real(self, layouts, *a, **k)
+
+    monkeypatch.setattr(SemanticModel, "sample", spy)
+    # CoNSeP's classes listed in another order by the folder's CSV (sorted: epithelial first)
+    src = _folder(tmp_path / "c", {1: "other", 2: "spindle", 3: "epithelial", 4: "inflammatory"})
+    rc = main(["synthesize", "--checkpoint", semantic_ckpt, "--layouts", str(src), "--out", str(tmp_path / "a.zarr"),
+               "--steps", "1", "--guidance", "1", "--device", "cpu"])
+    assert rc == 0
+    assert seen[-1].class_set == CONSEP_CLASSES and seen[-1].classes.tolist() == [1, 4, 3, 2]
+    assert DatasetStore.open(tmp_path / "a.zarr")[0].layout.classes.tolist() == [1, 4, 3, 2]
+    src = _folder(tmp_path / "p", {1: "neoplastic", 2: "dead", 3: "inflammatory"})
+    rc = main(["synthesize", "--checkpoint", semantic_ckpt, "--layouts", str(src), "--out", str(tmp_path / "b.zarr"),
+               "--steps", "1", "--guidance", "1", "--device", "cpu", "--class-map", "neoplastic=epithelial,dead=other"])
+    assert rc == 0 and seen[-1].classes.tolist() == [3, 1, 2]

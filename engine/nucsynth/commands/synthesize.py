@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of edits and sampling (default: 0)")
     p.add_argument("--batch-size", type=int, default=4, help="patches rendered at once (default: 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--class-map", default=None,
+                   help="how classes of --layouts named differently from the model's map onto them, e.g. "
+                        "'dead=other,connective=spindle' (same-named classes match by name in any order)")
     p.add_argument("--out", type=Path, required=True, help="output dataset store (.zarr)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
 
@@ -109,6 +112,22 @@ def _read_layout_source(path: Path, split: str | None, limit: int | None) -> lis
         raise ValueError(f"--split only applies to a dataset store; {path} is not one")
     samples = read_source(path)
     return samples[:limit] if limit else samples
+
+
+def _in_model_classes(samples: Sequence[Any], model: Any, args: argparse.Namespace) -> list[Any]:
+    """``samples`` with classes in the model's class set, matched by name (+ ``--class-map``);
+    a class set naming other classes is refused here, before any sampling."""
+    from nucsynth.layout import LayoutError, Sample, parse_class_map
+
+    mapping = parse_class_map(args.class_map) if args.class_map else None
+    out = []
+    for s in samples:
+        try:
+            lay = s.layout.to_class_set(model.class_set, mapping)
+        except LayoutError as e:
+            raise ValueError(f"--layouts {args.layouts}: {e} (--class-map)") from None
+        out.append(s if lay is s.layout else Sample(lay, s.image, s.provenance))
+    return out
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -204,7 +223,7 @@ def _read_points(args: argparse.Namespace, model: Any) -> tuple[list[Any], list[
         return [lay], [{"source": str(path), "source_tile": path.stem}]
     if size is not None:
         raise ValueError(f"--size sets the canvas of CSV / GeoJSON points; {path} brings its own patch size")
-    samples = _read_layout_source(path, args.split, args.limit)
+    samples = _in_model_classes(_read_layout_source(path, args.split, args.limit), model, args)
     return ([points_from_labels(s.layout) for s in samples],
             [{"source": s.provenance.get("source"), "source_tile": s.provenance.get("tile")} for s in samples])
 
@@ -287,7 +306,7 @@ def _guidance(model: Any, args: argparse.Namespace) -> float:
 
 # ---------------------------------------------------------------------- per family
 def _semantic_batches(model: Any, args: argparse.Namespace, attrs: dict[str, Any]) -> tuple[int, Iterator[list[Any]]]:
-    samples = _read_layout_source(args.layouts, args.split, args.limit)
+    samples = _in_model_classes(_read_layout_source(args.layouts, args.split, args.limit), model, args)
     if not samples:
         raise ValueError(f"--layouts {args.layouts} holds no samples")
     layouts = _edit(samples, args)

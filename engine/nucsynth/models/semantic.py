@@ -220,12 +220,8 @@ class SemanticModel(ModelFamily):
 
             return torch.from_numpy(np.stack([structure_from_layout(lay) for lay in layouts]))
         maps = []
-        for i, lay in enumerate(layouts):
-            if lay.class_set.num_classes != self.class_set.num_classes:
-                raise ValueError(
-                    f"layout {i} uses class set {lay.class_set.name!r} ({lay.class_set.num_classes} classes); "
-                    f"this model was trained on {self.class_set.name!r} ({self.class_set.num_classes} classes)"
-                )
+        for lay in layouts:
+            lay = lay.to_class_set(self.class_set)  # matched by class name; other classes are refused
             parts = [lay.onehot()] + ([lay.edge_map()[None]] if self.config.edges else [])
             maps.append(np.concatenate(parts, axis=0))
         return torch.from_numpy(np.stack(maps))
