@@ -104,3 +104,31 @@ def test_edit_real_consep_balance(consep_dir, tmp_path, capsys):
     assert before[1] / before.sum() < 0.05
     assert after[1] / after.sum() >= 0.15
     assert after.sum() == before.sum()
+
+
+def _pannuke_pool(path, classes):
+    """A store in PanNuke's class set: small discs (whole, away from the border) of ``classes``."""
+    from skimage.draw import disk
+
+    from nucsynth.layout import PANNUKE_CLASSES, Layout, Sample
+
+    inst = np.zeros((64, 64), np.int32)
+    for i in range(len(classes)):
+        inst[disk((10 + 14 * (i // 4), 10 + 14 * (i % 4)), 2.5)] = i + 1
+    lay = Layout.from_inst_map(inst, classes, PANNUKE_CLASSES)
+    DatasetStore.create(path, PANNUKE_CLASSES).append([Sample(lay, np.full((64, 64, 3), 128, np.uint8))])
+    return path
+
+
+def test_edit_pool_of_another_class_set_needs_a_mapping(source_store, tmp_path, capsys):
+    pool = _pannuke_pool(tmp_path / "pan.zarr", [1] * 8)  # neoplastic only; PanNuke's rare class is "dead"
+    out = tmp_path / "o.zarr"
+    assert main(["edit", str(source_store), str(out), "--mode", "balance", "--pool", str(pool), "--border", "10"]) == 2
+    err = capsys.readouterr().err
+    assert not out.exists() and "pan.zarr" in err and "'neoplastic'" in err and "--class-map" in err
+    assert main(["edit", str(source_store), str(out), "--mode", "balance", "--pool", str(pool), "--border", "10",
+                 "--class-map", "neoplastic=other,dead=unknown,connective=spindle"]) == 0
+    assert _counts(out)[1] > _counts(source_store)[1]  # neoplastic shapes became CoNSeP "other" as mapped
+    with pytest.raises(SystemExit):
+        main(["edit", str(source_store), str(out), "--mode", "balance", "--pool"])
+    assert main(["edit", str(source_store), str(tmp_path / "x.zarr"), "--mode", "balance", "--class-map", "a=b"]) == 2

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when the rare class is this share of a patch's nuclei (default: as many as fit)")
     b.add_argument("--rare-class", type=int, default=None, help="class id to raise (default: the class set's rare class)")
     b.add_argument("--pool", type=Path, default=None, help="source of rare-class nuclei (default: SOURCE)")
+    b.add_argument("--class-map", default=None,
+                   help="how --pool classes named differently from SOURCE's map onto them, e.g. "
+                        "'dead=other,neoplastic=epithelial' (same-named classes match by name in any order)")
     b.add_argument("--border", type=int, default=30, help="skip nuclei this close to the border, px (default: 30)")
     b.add_argument("--pick-fraction", type=float, default=0.8, help="share of abundant nuclei tried (default: 0.8)")
     b.add_argument("--dilate", type=int, default=2, help="dilation of the replaced nucleus, px (default: 2)")
@@ -83,6 +86,24 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-shift must be >= 1 px, got {args.max_shift}")
     if args.mode == "enlarge" and (args.pool is not None or args.target_share is not None):
         raise ValueError("--pool and --target-share apply to --mode balance or gradmix, not enlarge")
+    if args.class_map is not None and args.pool is None:
+        raise ValueError("--class-map maps the classes of --pool onto SOURCE's; give --pool too")
+
+
+def _pool_in(pool: list, class_set: Any, args: argparse.Namespace) -> list:
+    """The --pool samples with classes in SOURCE's class set, matched by name (+ --class-map),
+    so that a pool's "dead" never becomes SOURCE's "other"; refused when a class has no match."""
+    from nucsynth.layout import LayoutError, Sample, parse_class_map
+
+    mapping = parse_class_map(args.class_map) if args.class_map else None
+    out = []
+    for s in pool:
+        try:
+            lay = s.layout.to_class_set(class_set, mapping)
+        except LayoutError as e:
+            raise ValueError(f"--pool {args.pool}: {e} (--class-map)") from None
+        out.append(s if lay is s.layout else Sample(lay, s.image, s.provenance))
+    return out
 
 
 def _counts(samples: list, k: int) -> np.ndarray:
@@ -138,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if not samples:
         raise ValueError(f"{args.source}: the source holds no samples")
     cs = samples[0].layout.class_set
-    pool_samples = samples if args.pool is None else _read(args.pool, None)[0]
+    pool_samples = samples if args.pool is None else _pool_in(_read(args.pool, None)[0], cs, args)
     edited, changed = _edit(samples, pool_samples, args)
     keep = [i for i in range(len(edited)) if changed[i] or not args.only_changed]
     attrs = {
