@@ -5,7 +5,12 @@ Synthesizes H&E tissue together with pixel-exact nuclei labels. The data contrac
 The engine never imports Qt or napari.
 """
 
-from nucsynth.layout import (
+# The OpenMP wait policy must be in the environment before torch loads its runtime.
+from nucsynth.threads import configure_environment as _configure_environment
+
+_configure_environment()
+
+from nucsynth.layout import (  # noqa: E402
     CONSEP_CLASSES,
     LIZARD_CLASSES,
     NUCLEUS_CLASSES,

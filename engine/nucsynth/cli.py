@@ -1,7 +1,9 @@
 """The ``nucsynth`` command line: one sub-command per module in :mod:`nucsynth.commands`.
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them together.
+``run(args) -> int``; this file only wires them together, and gives every command (and
+every sub-command) the same ``--threads`` option, applied by
+:func:`nucsynth.threads.set_threads` before the command runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ COMMANDS = ("prepare", "train", "synthesize", "edit", "evaluate", "segmenter", "
 
 def _load(name: str):
     return importlib.import_module(f"nucsynth.commands.{name}")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that end a command line: ``parser`` itself or, if it has sub-commands,
+    theirs (recursively)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    leaves: dict[int, argparse.ArgumentParser] = {}
+    for action in subs:
+        for child in action.choices.values():
+            for leaf in _leaf_parsers(child):
+                leaves[id(leaf)] = leaf
+    return list(leaves.values())
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    from nucsynth.threads import available_cpus
+
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help=f"CPU threads (default: OMP_NUM_THREADS if set, else the cores this process may use, "
+             f"{available_cpus()} here, less any --workers)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
+        for leaf in _leaf_parsers(p):
+            _add_threads(leaf)
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -47,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from nucsynth.threads import set_threads
+
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        set_threads(threads, workers=getattr(args, "workers", None) or 0)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,7 +33,7 @@ def pick_device(requested: str | None = None) -> "torch.device":  # noqa: F821
 
 
 def describe_device(device: "torch.device") -> str:  # noqa: F821
-    """A short human description, e.g. 'CUDA 0: NVIDIA H100' or 'CPU (2 threads)'."""
+    """A short human description, e.g. 'CUDA 0: NVIDIA H100' or 'CPU (2 threads, passive wait)'."""
     import torch
 
     if device.type == "cuda":
@@ -41,4 +41,6 @@ def describe_device(device: "torch.device") -> str:  # noqa: F821
         return f"CUDA {idx}: {torch.cuda.get_device_name(idx)}"
     if device.type == "mps":
         return "Apple MPS"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    from nucsynth.threads import wait_policy
+
+    return f"CPU ({torch.get_num_threads()} threads, {wait_policy()} wait)"

@@ -59,9 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="semantic: what the image is conditioned on: layout (default; one-hot classes + edges, "
                         "SDM/NASDM) or structure (mask + HV maps: NuDiff stage 2, the image model of "
                         "'synthesize --image-checkpoint')")
+    p.add_argument("--label-aware", action="store_true",
+                   help="autoencoder: the decoder also takes the layout (SPADE), so nucleus boundaries stay pixel-exact")
+    p.add_argument("--autoencoder", type=Path, default=None,
+                   help="semantic: train a LATENT model in the space of this trained autoencoder (checkpoint or run "
+                        "folder of 'train --family autoencoder'); --image-size stays in image pixels")
     p.add_argument("--no-augment", action="store_true", help="no random rotations/flips/crops (centre crops)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("optimisation (defaults: nucsynth.train.TrainConfig)")
     g.add_argument("--steps", type=int, help="stage-1 steps (default 1000)")
     g.add_argument("--batch-size", type=int, help="batch size per process (default 8)")
@@ -122,6 +126,14 @@ def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
             raise ValueError(f"--condition applies to the semantic family (NuDiff stage 2: --condition structure); "
                              f"the {cls.name!r} family has no such option")
         options["condition"] = args.condition
+    if args.label_aware:
+        if cls.name != "autoencoder":
+            raise ValueError(f"--label-aware applies to the autoencoder family, not {cls.name!r}")
+        options["label_aware"] = True
+    if args.autoencoder is not None:
+        if cls.name != "semantic":
+            raise ValueError(f"--autoencoder applies to the semantic family (a latent model), not {cls.name!r}")
+        options["autoencoder"] = args.autoencoder
     return cls.from_preset(args.preset, args.image_size, class_set, **options)
 
 
@@ -133,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
     from nucsynth.data.dataset import SampleDataset
     from nucsynth.train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.data is None:
         raise ValueError("--data is required (a dataset store or a readable source folder)")
     if args.image_size < 8:
