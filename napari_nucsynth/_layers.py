@@ -23,6 +23,8 @@ deleting a point deletes its nucleus, erasing a nucleus' last pixel deletes it.
 from __future__ import annotations
 
 import weakref
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -46,6 +48,7 @@ __all__ = [
     "role_of",
     "adopt_renamed",
     "find_layout_names",
+    "broken_layouts",
     "LayoutLayers",
 ]
 
@@ -102,14 +105,38 @@ def _point_features(ids: np.ndarray, classes: np.ndarray, class_set: ClassSet) -
     )
 
 
+def instance_colormap() -> Any:
+    """One colour (white) for every nucleus id: instance layers show outlines, not random
+    colours that could be read as classes (the classes layer carries the class colours)."""
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    return CyclicLabelColormap(colors=np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+
+
+def point_size(layout: Layout) -> float:
+    """Centroid marker diameter (px): half the median nucleus diameter, 2..8 px (4 px for
+    a point layout), so markers sit inside their nuclei at any image size."""
+    areas = layout.areas()
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return 4.0
+    return float(np.clip(0.5 * 2.0 * np.sqrt(np.median(areas) / np.pi), 2.0, 8.0))
+
+
 def layout_to_layers(
-    layout: Layout, name: str = "layout", selected_class: int = 1, translate: tuple[float, float] = (0.0, 0.0)
+    layout: Layout,
+    name: str = "layout",
+    selected_class: int = 1,
+    translate: tuple[float, float] = (0.0, 0.0),
+    over_image: bool = False,
 ) -> list[LayerDataTuple]:
     """The three LayerData tuples (instances, classes, centroids) of ``layout``.
 
     Nucleus ids are ``1..N`` as in the Layout; ``selected_class`` is the class new points
     get (the centroid layer's ``feature_defaults``); ``translate`` (y, x) places the layers
-    in the world (e.g. beside another layout).
+    in the world (e.g. beside another layout). ``over_image``: the layout lies on its
+    image, so the fills are faint and the tissue shows through (the controller draws the
+    instances as outlines once bound, see :class:`LayoutLayers`).
     """
     cs = layout.class_set
     names = layer_names(name)
@@ -118,13 +145,14 @@ def layout_to_layers(
         "name": names["instances"],
         "features": _instance_features(ids, layout.classes),
         "metadata": _meta("instances", name, cs),
-        "opacity": 0.9,
+        "colormap": instance_colormap(),
+        "opacity": 0.35 if over_image else 0.8,
     }
     cls_kwargs = {
         "name": names["classes"],
         "colormap": class_colormap(cs),
         "metadata": _meta("classes", name, cs),
-        "opacity": 0.5,
+        "opacity": 0.3 if over_image else 0.5,
     }
     pt_kwargs = {
         "name": names["centroids"],
@@ -134,7 +162,7 @@ def layout_to_layers(
         "face_color_cycle": class_colour_cycle(cs),
         "border_color": "white",
         "border_width": 0.1,
-        "size": max(3.0, min(layout.shape) / 64),
+        "size": point_size(layout),
         "metadata": _meta("centroids", name, cs),
     }
     for kw in (inst_kwargs, cls_kwargs, pt_kwargs):
@@ -147,10 +175,11 @@ def layout_to_layers(
 
 
 def sample_to_layers(sample: Sample, name: str = "sample") -> list[LayerDataTuple]:
-    """An image layer ``"<name> image"`` followed by the layout's three layers."""
+    """An image layer ``"<name> image"`` followed by the layout's three layers (faint, so
+    the tissue shows)."""
     img_kwargs = {"name": f"{name} image", "rgb": True, "metadata": {META: {"role": "image", "layout": name,
                   "provenance": _jsonable(sample.provenance)}}}
-    return [(sample.image, img_kwargs, "image"), *layout_to_layers(sample.layout, name)]
+    return [(sample.image, img_kwargs, "image"), *layout_to_layers(sample.layout, name, over_image=True)]
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -189,16 +218,21 @@ def _class_ids_of_points(points: Any, class_set: ClassSet) -> np.ndarray:
 
 
 def _pixel_stats(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids present in ``inst`` (sorted, > 0) and their centres of mass (y, x)."""
-    flat = inst.ravel().astype(np.int64)
-    n = int(flat.max()) if flat.size else 0
-    count = np.bincount(flat, minlength=n + 1)
+    """Ids present in ``inst`` (sorted, > 0) and their centres of mass (y, x); memory is
+    linear in pixels and nuclei, never in the largest id."""
+    flat = np.asarray(inst).ravel()
+    top = int(flat.max(initial=0))
+    if top <= 4 * flat.size + 1024:  # small ids: count directly
+        uniq, inv = np.arange(top + 1), flat.astype(np.intp)
+    else:
+        uniq, inv = np.unique(flat, return_inverse=True)
+    count = np.bincount(inv, minlength=uniq.size)
     ys, xs = np.indices(inst.shape, dtype=np.float64)
-    sy = np.bincount(flat, weights=ys.ravel(), minlength=n + 1)
-    sx = np.bincount(flat, weights=xs.ravel(), minlength=n + 1)
-    ids = np.flatnonzero(count)
-    ids = ids[ids > 0]
-    cen = np.stack([sy[ids] / count[ids], sx[ids] / count[ids]], axis=1) if ids.size else np.zeros((0, 2))
+    sy = np.bincount(inv, weights=ys.ravel(), minlength=uniq.size)
+    sx = np.bincount(inv, weights=xs.ravel(), minlength=uniq.size)
+    keep = (uniq > 0) & (count > 0)
+    ids = uniq[keep].astype(np.int64)
+    cen = np.stack([sy[keep] / count[keep], sx[keep] / count[keep]], axis=1) if ids.size else np.zeros((0, 2))
     return ids, cen
 
 
@@ -256,8 +290,7 @@ def layout_from_parts(
     if "class" in feats and "index" in feats:
         cls_of.update({int(i): int(c) for i, c in zip(feats["index"], feats["class"])})
     ids, cen = _pixel_stats(inst)
-    lut = np.zeros(int(inst.max()) + 1 if inst.size else 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    relabelled = _lookup(inst, {int(i): k for k, i in enumerate(ids.tolist(), start=1)})
     classes = [cls_of.get(int(i), 0) for i in ids]
     cents = [cen]
     present = set(ids.tolist())
@@ -269,7 +302,7 @@ def layout_from_parts(
     allc = np.concatenate(cents)
     allc[:, 0] = allc[:, 0].clip(-0.5, h - 0.5)  # a point dropped on the canvas edge stays valid
     allc[:, 1] = allc[:, 1].clip(-0.5, w - 0.5)
-    return Layout(lut[inst], np.asarray(classes, np.int64), allc, class_set)
+    return Layout(relabelled, np.asarray(classes, np.int64), allc, class_set)
 
 
 def find_layout_names(layers: Iterable[Any]) -> list[str]:
@@ -309,7 +342,57 @@ def adopt_renamed(layer: Any) -> None:
 
 
 # ---------------------------------------------------------------------- live binding
-_BOUND: "weakref.WeakKeyDictionary[Any, LayoutLayers]" = weakref.WeakKeyDictionary()
+_OWNER: "weakref.WeakKeyDictionary[Any, LayoutLayers]" = weakref.WeakKeyDictionary()  # layer -> its controller
+HISTORY = 100  # undo steps kept per layout
+
+
+@dataclass(frozen=True)
+class _State:
+    """One undoable state of a layout: the instance map in layer ids (never written to once
+    stored) and, per nucleus id, its class and centroid (y, x)."""
+
+    inst: np.ndarray
+    cls: dict[int, int]
+    pos: dict[int, tuple[float, float]]
+
+    def same_as(self, other: "_State") -> bool:
+        return (
+            self.cls == other.cls
+            and self.pos == other.pos
+            and (self.inst is other.inst or np.array_equal(self.inst, other.inst))
+        )
+
+
+def _ids_with_pixels(inst: np.ndarray) -> set[int]:
+    ids = np.unique(inst)
+    return set(ids[ids > 0].tolist())
+
+
+def _lookup(inst: np.ndarray, table: dict[int, int]) -> np.ndarray:
+    """``table[id]`` at every pixel (0 on background and ids not in ``table``), in memory
+    linear in the pixels and nuclei, never in the largest id."""
+    top = int(inst.max(initial=0))
+    if top <= 4 * inst.size + 1024:
+        lut = np.zeros(top + 1, np.int32)
+        for i, v in table.items():
+            if 0 < i <= top:
+                lut[i] = v
+        return lut[inst]
+    uniq, inv = np.unique(inst, return_inverse=True)
+    vals = np.array([table.get(int(u), 0) if u > 0 else 0 for u in uniq], np.int32)
+    return vals[inv].reshape(inst.shape)
+
+
+def _undo_key(layer: Any) -> None:
+    ctrl = _OWNER.get(layer)
+    if ctrl is not None:
+        ctrl.undo()
+
+
+def _redo_key(layer: Any) -> None:
+    ctrl = _OWNER.get(layer)
+    if ctrl is not None:
+        ctrl.redo()
 
 
 class LayoutLayers:
@@ -317,11 +400,16 @@ class LayoutLayers:
 
     Build it with :meth:`show` (adds or updates the layers) or :meth:`attach` (binds layers
     already in the viewer, e.g. opened by the reader). The model is a table of nuclei keyed
-    by their layer id: class, centroid, and whether the nucleus has pixels.
+    by their layer id (class, centroid) plus the instance map; every edit (a stroke, a
+    point added, moved or deleted, a re-class, a whole new layout) is one step of the
+    layout's own undo history, reached by Ctrl+Z / Ctrl+Shift+Z on any of the three layers
+    (napari's per-layer paint history is replaced: it would replay old strokes onto a new
+    layout). An edit the layout cannot hold (a class outside the class set, a changed canvas
+    shape) is refused: the layers go back to the model and :attr:`notice` says why.
     """
 
-    changed = Signal()  # emitted after any edit (counts, classes, positions)
-    notice = Signal(str)  # a message for the user (an edit that was refused)
+    changed = Signal()  # emitted after any edit, undo or redo (counts, classes, positions)
+    notice = Signal(str)  # a message for the user (an edit that was refused, nothing to undo)
 
     def __init__(self, viewer: Any, name: str, class_set: ClassSet) -> None:
         self.viewer = viewer
@@ -332,19 +420,40 @@ class LayoutLayers:
         self._dragging = False
         self._pending_move = False
         self._pending_classes = False
+        self._undo: deque[_State] = deque(maxlen=HISTORY)
+        self._redo: deque[_State] = deque(maxlen=HISTORY)
         names = layer_names(name)
         self.instances = viewer.layers[names["instances"]]
         self.classes = viewer.layers[names["classes"]]
         self.centroids = viewer.layers[names["centroids"]]
-        self._load_model()
-        self.instances.events.paint.connect(self._on_instances_edit)
-        self.instances.events.data.connect(self._on_instances_edit)
-        self.instances.events.set_data.connect(self._on_instances_edit)  # undo / redo
-        self.classes.events.paint.connect(self._on_classes_edit)
-        self.classes.events.labels_update.connect(self._on_classes_written)
-        self.centroids.events.data.connect(self._on_points_edit)
-        self.centroids.mouse_drag_callbacks.append(self._drag_guard)
-        _BOUND[self.instances] = self
+        self._from_layout(layers_to_layout(self.instances, self.centroids, self.class_set))
+        self._publish()
+        self.instances.contour = 1  # outlines: the tissue under a layout stays visible
+        self.instances.opacity = max(self.instances.opacity, 0.8)
+        for role in ROLES:
+            self._connect(role)
+
+    def _connect(self, role: str) -> None:
+        from app_model.types import KeyCode, KeyMod
+
+        layer = getattr(self, role)
+        if role == "instances":
+            layer.events.paint.connect(self._on_instances_edit)
+            layer.events.data.connect(self._on_instances_edit)
+            layer.events.set_data.connect(self._on_instances_edit)
+        elif role == "classes":
+            layer.events.paint.connect(self._on_classes_edit)
+            layer.events.labels_update.connect(self._on_classes_written)
+        else:
+            layer.events.data.connect(self._on_points_edit)
+            layer.mouse_drag_callbacks.append(self._drag_guard)
+        layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, _undo_key, overwrite=True)
+        layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ, _redo_key, overwrite=True)
+        _OWNER[layer] = self
+
+    def layers(self) -> tuple[Any, Any, Any]:
+        """The (instances, classes, centroids) layers."""
+        return self.instances, self.classes, self.centroids
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -356,8 +465,8 @@ class LayoutLayers:
         selected_class: int = 1,
         translate: tuple[float, float] | None = None,
     ) -> "LayoutLayers":
-        """Show ``layout`` as the layers called ``name``: update them if present, else add
-        (at ``translate`` (y, x), default the origin)."""
+        """Show ``layout`` as the layers called ``name``: update them if present (one undo
+        step), else add them (at ``translate`` (y, x), default the origin)."""
         names = layer_names(name)
         existing = [n for n in names.values() if n in viewer.layers]
         if len(existing) == 3:
@@ -367,24 +476,20 @@ class LayoutLayers:
             else:
                 ctrl.set_layout(layout)
                 if translate is not None:
-                    for layer in (ctrl.instances, ctrl.classes, ctrl.centroids):
+                    for layer in ctrl.layers():
                         layer.translate = translate
             ctrl.selected_class = selected_class
             return ctrl
-        for n in existing:  # a partial set (the user deleted one): rebuild all three
-            viewer.layers.remove(n)
         return cls._rebuild(viewer, layout, name, selected_class, translate)
 
     @classmethod
     def _rebuild(
         cls, viewer: Any, layout: Layout, name: str, selected_class: int, translate: tuple[float, float] | None
     ) -> "LayoutLayers":
-        for n in layer_names(name).values():
-            if n in viewer.layers:
-                viewer.layers.remove(n)
+        for layer in _layers_of(viewer, name).values():  # also a partial or renamed set
+            viewer.layers.remove(layer)
         for data, kwargs, kind in layout_to_layers(layout, name, selected_class, translate or (0.0, 0.0)):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
-        viewer.layers[layer_names(name)["instances"]].contour = 1
         ctrl = cls.attach(viewer, name)  # a dock may have bound the new layers already
         ctrl.selected_class = selected_class
         return ctrl
@@ -395,51 +500,103 @@ class LayoutLayers:
         names = layer_names(name)
         missing = [n for n in names.values() if n not in viewer.layers]
         if missing:
-            raise ValueError(f"layout {name!r}: layers {missing} are not in the viewer")
+            raise ValueError(f"layout {name!r}: layers {missing} are not in the viewer (Repair layers rebuilds them)")
         inst = viewer.layers[names["instances"]]
-        if inst in _BOUND and _BOUND[inst].viewer is viewer:
-            return _BOUND[inst]
+        if inst in _OWNER and _OWNER[inst].viewer is viewer:
+            return _OWNER[inst]
         cs = class_set_of(inst)
         if cs is None:
             raise ValueError(f"layer {inst.name!r} carries no nucsynth class set in its metadata")
         return cls(viewer, name, cs)
 
-    # ------------------------------------------------------------------ model
-    def _load_model(self) -> None:
-        lay = layers_to_layout(self.instances, self.centroids, self.class_set)
-        self._write(lay)
+    @classmethod
+    def recover(cls, viewer: Any, name: str) -> "LayoutLayers":
+        """Rebuild the layout ``name`` whose layers were deleted or renamed, from what is
+        left: its live controller if one exists, else its instances layer (with the
+        centroids, if present), else its centroids as a point layout.
 
-    def _write(self, layout: Layout) -> None:
-        """Make the three layers show ``layout`` exactly (ids 1..N)."""
+        Raises ValueError when none of the three layers is left.
+        """
+        found = _layers_of(viewer, name)
+        owner = next((_OWNER[ly] for ly in found.values() if ly in _OWNER and _OWNER[ly].viewer is viewer), None)
+        if owner is not None:
+            owner.repair()
+            return owner
+        if "instances" in found:
+            layout = layers_to_layout(found["instances"], found.get("centroids"))
+        elif "centroids" in found:
+            pts = found["centroids"]
+            cs = class_set_of(pts)
+            shape = found["classes"].data.shape if "classes" in found else _extent(np.asarray(pts.data))
+            layout = layout_from_parts(np.zeros(shape, np.int32), None, np.asarray(pts.data), pts.features, cs,
+                                       what=f"layer {pts.name!r}")
+        else:
+            raise ValueError(f"layout {name!r}: neither its instances nor its centroids layer is left to rebuild from")
+        translate = tuple(float(t) for t in next(iter(found.values())).translate[-2:])
+        return cls._rebuild(viewer, layout, name, 1, translate)
+
+    # ------------------------------------------------------------------ model
+    def _state(self) -> _State:
+        return _State(self._inst, dict(self._cls), dict(self._pos))
+
+    def _from_layout(self, layout: Layout) -> None:
         n = layout.num_nuclei
+        self._inst = layout.inst_map.copy()
         self._cls = {i + 1: int(c) for i, c in enumerate(layout.classes)}
-        self._pos = {i + 1: layout.centroids[i].copy() for i in range(n)}
-        areas = layout.areas()
-        self._has_pixels = {i + 1 for i in range(n) if areas[i] > 0}
+        self._pos = {i + 1: (float(p[0]), float(p[1])) for i, p in enumerate(layout.centroids[:n])}
+        self._has_pixels = _ids_with_pixels(self._inst)
+        self._show_inst()
+
+    def _show_inst(self) -> None:
         self._updating = True
         try:
-            self.instances.data = layout.inst_map.copy()
-            self._last_inst = layout.inst_map.copy()
+            self.instances.data = self._inst.copy()  # the layer's array is painted on in place
         finally:
             self._updating = False
-        self._publish(classes_map=True)
+
+    def _apply(self, state: _State) -> None:
+        """Make the model and the three layers ``state``."""
+        self._inst = state.inst
+        self._cls = dict(state.cls)
+        self._pos = dict(state.pos)
+        self._has_pixels = _ids_with_pixels(self._inst)
+        self._show_inst()
+        self._forget_napari_history()
+        self._publish()
+
+    def _commit(self, before: _State) -> None:
+        """One undo step from ``before`` to the model (if it changed), shown in the layers."""
+        if not self._state().same_as(before):
+            self._undo.append(before)
+            self._redo.clear()
+        self._forget_napari_history()
+        self._publish()
+
+    def _refuse(self, why: str) -> None:
+        """Put the layers back to the model and say why."""
+        self._apply(self._state())
+        self.notice.emit(why)
+
+    def _forget_napari_history(self) -> None:
+        for layer in (self.instances, self.classes):
+            reset = getattr(layer, "_reset_history", None)  # napari's paint history (replaced by ours)
+            if reset is not None:
+                reset()
 
     def _next_id(self) -> int:
         used = max(self._cls, default=0)
-        return max(used, int(self._last_inst.max()) if self._last_inst.size else 0) + 1
+        return max(used, int(self._inst.max(initial=0))) + 1
 
     def _publish(self, classes_map: bool = True) -> None:
         """Push the model to the features tables, the class layer and the points."""
         ids = np.array(sorted(self._cls), np.int64)
         cls = np.array([self._cls[i] for i in ids], np.int64)
-        pos = np.array([self._pos[i] for i in ids]).reshape(-1, 2)
+        pos = np.array([self._pos[i] for i in ids], np.float64).reshape(-1, 2)
         self._updating = True
         try:
             self.instances.features = _instance_features(ids, cls)
             if classes_map:
-                lut = np.zeros(int(max(ids.max(initial=0), self._last_inst.max(initial=0))) + 1, np.int32)
-                lut[ids] = cls
-                self.classes.data = lut[self._last_inst]
+                self.classes.data = _lookup(self._inst, self._cls)
             self.centroids.data = pos
             self.centroids.features = _point_features(ids, cls, self.class_set)
             self._set_point_defaults()
@@ -473,7 +630,7 @@ class LayoutLayers:
 
     def remove(self) -> None:
         """Remove this layout's layers from the viewer."""
-        for layer in (self.instances, self.classes, self.centroids):
+        for layer in self.layers():
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
 
@@ -484,16 +641,57 @@ class LayoutLayers:
         return nid
 
     def layout(self) -> Layout:
-        """The current Layout (ids relabelled 1..N)."""
-        return layers_to_layout(self.instances, self.centroids, self.class_set)
+        """The current Layout: nuclei with pixels get ids 1..M in increasing layer id, then
+        point-only nuclei follow (increasing layer id)."""
+        px = sorted(self._has_pixels)
+        pt = [i for i in sorted(self._cls) if i not in self._has_pixels]
+        order = px + pt
+        new_id = {i: k for k, i in enumerate(px, start=1)}
+        inst = _lookup(self._inst, new_id)
+        classes = np.array([self._cls.get(i, 0) for i in order], np.int64)
+        cen = np.array([self._pos[i] for i in order], np.float64).reshape(-1, 2)
+        h, w = inst.shape
+        cen[:, 0] = cen[:, 0].clip(-0.5, h - 0.5)
+        cen[:, 1] = cen[:, 1].clip(-0.5, w - 0.5)
+        return Layout(inst, classes, cen, self.class_set)
 
     def set_layout(self, layout: Layout) -> None:
-        """Replace the shown layout (same layers, new data)."""
+        """Replace the shown layout (same layers, new data): one undo step."""
         if layout.class_set != self.class_set:
             raise ValueError(
                 f"layout has class set {layout.class_set.name!r}, layers show {self.class_set.name!r}"
             )
-        self._write(layout)
+        before = self._state()
+        self._from_layout(layout)
+        self._commit(before)
+
+    @property
+    def can_undo(self) -> bool:
+        """Whether there is an edit to undo."""
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        """Whether there is an undone edit to redo."""
+        return bool(self._redo)
+
+    def undo(self) -> bool:
+        """Go back one edit (Ctrl+Z on any of the layout's layers); False if there is none."""
+        if not self._undo:
+            self.notice.emit(f"nothing to undo in layout {self.name!r}")
+            return False
+        self._redo.append(self._state())
+        self._apply(self._undo.pop())
+        return True
+
+    def redo(self) -> bool:
+        """Redo the last undone edit (Ctrl+Shift+Z); False if there is none."""
+        if not self._redo:
+            self.notice.emit(f"nothing to redo in layout {self.name!r}")
+            return False
+        self._undo.append(self._state())
+        self._apply(self._redo.pop())
+        return True
 
     def class_counts(self) -> np.ndarray:
         """Nuclei per class (index 0 = unknown) in the current layout."""
@@ -501,43 +699,84 @@ class LayoutLayers:
         return np.bincount(cls, minlength=self.class_set.num_classes + 1)
 
     def set_class(self, ids: Iterable[int], k: int) -> None:
-        """Give nuclei ``ids`` (layer ids) class ``k``."""
+        """Give nuclei ``ids`` (layer ids) class ``k``: one undo step."""
         if not 0 <= int(k) <= self.class_set.num_classes:
             raise ValueError(f"class {k} is outside 0..{self.class_set.num_classes}")
+        ids = [int(i) for i in ids]
+        missing = [i for i in ids if i not in self._cls]
+        if missing:
+            raise ValueError(f"no nucleus with id {missing[0]} in layout {self.name!r}")
+        before = self._state()
         for i in ids:
-            if int(i) not in self._cls:
-                raise ValueError(f"no nucleus with id {i} in layout {self.name!r}")
-            self._cls[int(i)] = int(k)
-        self._publish()
+            self._cls[i] = int(k)
+        self._commit(before)
 
     def selected_point_ids(self) -> list[int]:
         """Layer ids of the nuclei whose centroid points are selected."""
         idx = sorted(self.centroids.selected_data)
         return [int(self.centroids.features["id"].iloc[i]) for i in idx]
 
+    # ------------------------------------------------------------------ repair
+    def problems(self) -> list[str]:
+        """What is wrong with this layout's layers (deleted or renamed); empty when whole."""
+        names = layer_names(self.name)
+        out = []
+        for role, layer in zip(ROLES, self.layers()):
+            if layer not in self.viewer.layers:
+                out.append(f"{role} layer deleted")
+            elif layer.name != names[role]:
+                out.append(f"{role} layer renamed to {layer.name!r}")
+        return out
+
+    def repair(self) -> None:
+        """Re-add deleted layers from the model and give renamed ones their names back."""
+        names = layer_names(self.name)
+        tuples = dict(zip(ROLES, layout_to_layers(self.layout(), self.name, self._selected_class)))
+        translate = next((ly.translate for ly in self.layers() if ly in self.viewer.layers), (0.0, 0.0))
+        for role, layer in zip(ROLES, self.layers()):
+            if layer not in self.viewer.layers:
+                data, kwargs, kind = tuples[role]
+                kwargs["translate"] = tuple(translate)
+                if role == "instances":
+                    data = self._inst.copy()  # layer ids, as the model holds them
+                setattr(self, role, getattr(self.viewer, f"add_{kind}")(data, **kwargs))
+                self._connect(role)
+            elif layer.name != names[role]:
+                if names[role] in self.viewer.layers:  # a stranger took the name: it keeps its layer, renamed
+                    self.viewer.layers[names[role]].name = f"{names[role]} (other)"
+                layer.name = names[role]
+        self._publish()
+
     # ------------------------------------------------------------------ event handlers
     def _on_instances_edit(self, event: Any = None) -> None:
         if self._updating:
             return
         inst = _after_paint(self.instances.data, event)
-        if inst.shape == self._last_inst.shape and np.array_equal(inst, self._last_inst):
+        if inst.shape != self._inst.shape:
+            self._refuse(f"layer {self.instances.name!r} must stay {self._inst.shape}; got {inst.shape}: restored")
             return
+        if np.array_equal(inst, self._inst):
+            return
+        if inst.min(initial=0) < 0:
+            self._refuse(f"layer {self.instances.name!r}: nucleus ids must be >= 0; the edit was undone")
+            return
+        before = self._state()
         ids, cen = _pixel_stats(inst)
         present = set(ids.tolist())
-        for i in list(self._has_pixels - present):  # erased to the last pixel: delete
-            self._has_pixels.discard(i)
+        for i in self._has_pixels - present:  # erased to the last pixel: delete
             self._cls.pop(i, None)
             self._pos.pop(i, None)
         for i, c in zip(ids.tolist(), cen):
             if i not in self._cls:
                 self._cls[i] = self._selected_class
-            self._has_pixels.add(i)
-            self._pos[i] = c
-        self._last_inst = inst.copy()
-        self._publish()
+            self._pos[i] = (float(c[0]), float(c[1]))
+        self._has_pixels = present
+        self._inst = inst.astype(np.int32, copy=True)
+        self._commit(before)
 
     def _on_classes_edit(self, event: Any = None) -> None:
-        """Painting class k over nuclei re-classes them; paint off nuclei is undone."""
+        """Painting class k over nuclei re-classes them; paint off nuclei is undone; a class
+        outside the class set is refused."""
         if self._updating:
             return
         painted = _after_paint(self.classes.data, event)
@@ -545,18 +784,27 @@ class LayoutLayers:
             # a programmatic paint announces itself before writing: act once it is written
             self._pending_classes = True
             return
-        ids = np.array(sorted(self._cls), np.int64)
-        lut = np.zeros(int(max(ids.max(initial=0), self._last_inst.max(initial=0))) + 1, np.int64)
-        lut[ids] = [self._cls[i] for i in ids]
-        expected = lut[self._last_inst]
-        diff = (painted != expected) & (self._last_inst > 0)
+        if painted.shape != self._inst.shape:
+            self._refuse(f"layer {self.classes.name!r} must stay {self._inst.shape}; got {painted.shape}: restored")
+            return
+        expected = _lookup(self._inst, self._cls)
+        diff = (painted != expected) & (self._inst > 0)
+        k = self.class_set.num_classes
+        values = painted[diff]
+        bad = np.unique(values[(values < 0) | (values > k)])
+        if bad.size:
+            self._refuse(
+                f"class {int(bad[0])} is not in the class set {self.class_set.name!r} "
+                f"(0 = {UNKNOWN}, 1..{k} = {', '.join(self.class_set.names)}): the stroke was undone"
+            )
+            return
+        before = self._state()
         if diff.any():
-            touched = self._last_inst[diff]
-            values = painted[diff]
+            touched = self._inst[diff]
             for i in np.unique(touched):
                 vals = values[touched == i]
                 self._cls[int(i)] = int(np.bincount(vals).argmax())  # the majority of the stroke
-        self._publish(classes_map=True)
+        self._commit(before)  # also puts back paint that fell off the nuclei
 
     def _on_classes_written(self, event: Any = None) -> None:
         if self._pending_classes and not self._updating:
@@ -586,25 +834,34 @@ class LayoutLayers:
         self._reconcile_points()
 
     def _reconcile_points(self) -> None:
-        """Bring the model in line with the points: new, deleted and moved nuclei."""
+        """Bring the model in line with the points: new, deleted and moved nuclei (one step)."""
         pts = np.asarray(self.centroids.data, np.float64).reshape(-1, 2)
         feats = self.centroids.features
         pid = np.asarray(feats["id"], np.int64) if "id" in feats else np.zeros(len(pts), np.int64)
-        pcls = _class_ids_of_points(self.centroids, self.class_set)
+        try:
+            pcls = _class_ids_of_points(self.centroids, self.class_set)
+        except ValueError as e:
+            self._refuse(f"{e}: the points were put back")
+            return
+        bad = pcls[(pcls < 0) | (pcls > self.class_set.num_classes)]
+        if bad.size:
+            self._refuse(f"point class {int(bad[0])} is outside 0..{self.class_set.num_classes}: the points were put back")
+            return
+        before = self._state()
         seen: set[int] = set()
-        inst = np.asarray(self.instances.data).copy()
+        inst = self._inst.copy()
         inst_changed = False
         refused: list[int] = []
         h, w = inst.shape
         for p, i, c in zip(pts, pid.tolist(), pcls.tolist()):
-            p = np.array([np.clip(p[0], -0.5, h - 0.5), np.clip(p[1], -0.5, w - 0.5)])
+            p = (float(np.clip(p[0], -0.5, h - 0.5)), float(np.clip(p[1], -0.5, w - 0.5)))
             if i <= 0 or i not in self._cls or i in seen:  # a new point: a nucleus with no pixels
                 i = self._next_id()
                 self._cls[i] = c
                 self._pos[i] = p
             elif not np.allclose(p, self._pos[i]):
                 if i in self._has_pixels:
-                    dy, dx = (int(v) for v in np.rint(p - self._pos[i]))
+                    dy, dx = (int(v) for v in np.rint(np.subtract(p, self._pos[i])))
                     if shift_nucleus(inst, i, dy, dx):
                         inst_changed = True
                     elif dy or dx:
@@ -612,29 +869,64 @@ class LayoutLayers:
                 else:
                     self._pos[i] = p
             seen.add(i)
-        for i in list(set(self._cls) - seen):  # deleted points delete their nuclei
+        for i in set(self._cls) - seen:  # deleted points delete their nuclei
             if i in self._has_pixels:
                 inst[inst == i] = 0
                 inst_changed = True
             self._cls.pop(i)
             self._pos.pop(i)
-            self._has_pixels.discard(i)
         if inst_changed:
-            self._updating = True
-            try:
-                self.instances.data = inst
-            finally:
-                self._updating = False
             ids, cen = _pixel_stats(inst)
             for i, c in zip(ids.tolist(), cen):
-                self._pos[i] = c
-            self._has_pixels = set(ids.tolist()) & set(self._cls)
-            self._last_inst = inst.copy()
-        self._publish()  # a refused move puts its point back on the nucleus
+                self._pos[i] = (float(c[0]), float(c[1]))
+            self._inst = inst
+            self._has_pixels = set(ids.tolist())
+            self._show_inst()
+        self._commit(before)  # a refused move puts its point back on the nucleus
         if refused:
             self.notice.emit(
                 f"nuclei {refused} not moved: they would leave the canvas or overlap another nucleus"
             )
+
+
+def _layers_of(viewer: Any, name: str) -> dict[str, Any]:
+    """The layers of layout ``name`` in ``viewer`` by role, found by their metadata (so
+    renamed ones too) or, failing that, by their stable names."""
+    found: dict[str, Any] = {}
+    for layer in viewer.layers:
+        meta = getattr(layer, "metadata", {}).get(META)
+        if isinstance(meta, dict) and meta.get("layout") == name and meta.get("role") in ROLES:
+            found.setdefault(meta["role"], layer)
+    for role, n in layer_names(name).items():
+        if role not in found and n in viewer.layers:
+            found[role] = viewer.layers[n]
+    return found
+
+
+def broken_layouts(layers: Iterable[Any]) -> dict[str, list[str]]:
+    """Layouts (by name) whose three layers are not all present under their stable names,
+    with what is wrong: a role missing, or a layer renamed."""
+    seen: dict[str, dict[str, str]] = {}
+    for layer in layers:
+        meta = getattr(layer, "metadata", {}).get(META)
+        if isinstance(meta, dict) and meta.get("role") in ROLES and meta.get("layout"):
+            seen.setdefault(meta["layout"], {})[meta["role"]] = layer.name
+    out: dict[str, list[str]] = {}
+    for name, roles in seen.items():
+        names = layer_names(name)
+        issues = [f"{r} layer deleted" for r in ROLES if r not in roles]
+        issues += [f"{r} layer renamed to {roles[r]!r}" for r in ROLES if r in roles and roles[r] != names[r]]
+        if issues:
+            out[name] = issues
+    return out
+
+
+def _extent(points: np.ndarray) -> tuple[int, int]:
+    """The smallest canvas (H, W) that holds ``points`` (y, x)."""
+    if not len(points):
+        raise ValueError("no points to size a canvas from")
+    top = np.ceil(np.asarray(points, np.float64)[:, -2:].max(axis=0) + 1).astype(int)
+    return int(max(top[0], 1)), int(max(top[1], 1))
 
 
 def _after_paint(data: Any, event: Any) -> np.ndarray:

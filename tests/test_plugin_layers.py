@@ -115,13 +115,69 @@ def test_painting_the_class_layer_reclasses_touched_nuclei(ctrl: LayoutLayers) -
     assert ctrl.layout().classes.tolist() == [1, 4, 3]
 
 
-def test_undo_is_followed(ctrl: LayoutLayers) -> None:
+def test_undo_and_redo_restore_the_whole_layout(ctrl: LayoutLayers, layout: Layout) -> None:
     ctrl.selected_class = 3
     ctrl.instances.brush_size = 4
     ctrl.instances.paint((44, 44), ctrl.new_nucleus_label())
+    painted = ctrl.layout()
     assert ctrl.class_counts()[3] == 2
-    ctrl.instances.undo()
-    assert ctrl.class_counts().tolist() == [0, 1, 1, 1, 0]
+    ctrl.selected_class = 1
+    ctrl.instances.fill((30, 30), 0)  # erase nucleus 2 (inflammatory) with "other" selected
+    assert ctrl.class_counts().tolist() == [0, 1, 0, 2, 0]
+    assert ctrl.undo()  # it comes back in its own class, not the palette's
+    assert ctrl.layout().equals(painted) and ctrl.classes.data[30, 30] == 2
+    assert ctrl.undo()
+    assert ctrl.layout().equals(layout)
+    assert ctrl.redo() and ctrl.layout().equals(painted)
+    assert list(ctrl.instances.features["class"]) == list(painted.classes)
+
+
+def test_undo_after_a_new_layout_never_replays_old_strokes(ctrl: LayoutLayers, layout: Layout) -> None:
+    ctrl.instances.brush_size = 3
+    ctrl.instances.paint((44, 8), 0)  # a stroke of the eraser on background
+    ctrl.instances.paint((10, 12), 0)  # and one that erases part of nucleus 1
+    erased = ctrl.layout()
+    ctrl.set_layout(layout.flip(1))  # e.g. Keep of a proposal
+    assert ctrl.undo() and ctrl.layout().equals(erased)
+    assert ctrl.redo() and ctrl.layout().equals(layout.flip(1))
+
+
+def test_a_class_outside_the_class_set_is_refused(ctrl: LayoutLayers, layout: Layout) -> None:
+    notes = []
+    ctrl.notice.connect(notes.append)
+    ctrl.classes.fill((30, 30), 7)  # consep4 has classes 1..4
+    assert notes and "class 7 is not in the class set 'consep4'" in notes[0]
+    assert ctrl.layout().equals(layout)
+    assert np.array_equal(ctrl.classes.data, layout.type_map())
+    assert not ctrl.can_undo  # nothing happened
+    ctrl.classes.fill((30, 30), 4)  # later edits still work
+    assert ctrl.layout().classes.tolist() == [1, 4, 3]
+
+
+def test_deleted_and_renamed_layers_are_repaired(ctrl: LayoutLayers, layout: Layout) -> None:
+    from napari_nucsynth._layers import broken_layouts
+
+    viewer = ctrl.viewer
+    viewer.layers.remove(ctrl.classes)
+    ctrl.centroids.name = "my points"
+    assert broken_layouts(viewer.layers) == {"d": ["classes layer deleted", "centroids layer renamed to 'my points'"]}
+    assert LayoutLayers.recover(viewer, "d") is ctrl
+    assert broken_layouts(viewer.layers) == {}
+    assert [ly.name for ly in viewer.layers] == ["d instances", "d centroids", "d classes"]
+    assert np.array_equal(viewer.layers["d classes"].data, layout.type_map())
+    ctrl.classes.fill((30, 30), 4)  # the new classes layer is bound
+    assert ctrl.layout().classes.tolist() == [1, 4, 3]
+
+
+def test_layers_without_a_controller_are_rebuilt_from_what_is_left(layout: Layout) -> None:
+    viewer = ViewerModel()
+    for data, kwargs, kind in layout_to_layers(layout, "r"):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    viewer.layers.remove("r instances")
+    ctrl = LayoutLayers.recover(viewer, "r")  # from the centroids: a point layout
+    lay = ctrl.layout()
+    assert lay.num_nuclei == 3 and lay.classes.tolist() == [1, 2, 3] and lay.areas().sum() == 0
+    assert np.allclose(lay.centroids, layout.centroids)
 
 
 def test_layers_without_class_set_give_clear_error() -> None:
