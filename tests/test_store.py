@@ -103,6 +103,7 @@ def test_crash_mid_append_keeps_old_contents(tmp_path, monkeypatch):
     for a, b in zip(samples, back):
         assert_same(a, b)
     more = make_samples(2, seed=9)
+    st.close()  # release the writer lock for the next writer
     again = DatasetStore.open(tmp_path / "s.zarr", mode="a")
     again.append(more, splits="val")
     back = DatasetStore.open(tmp_path / "s.zarr")
