@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 # Order shown in --help. A module listed here must exist.
-COMMANDS = ("prepare", "train", "synthesize", "edit", "evaluate", "segmenter", "demo")
+COMMANDS = ("prepare", "train", "synthesize", "edit", "evaluate", "segmenter", "check", "demo")
 
 
 def _load(name: str):
@@ -85,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Bad input: say what was wrong, no traceback.
+    except (ValueError, OSError) as e:
+        # Bad input, or a path that cannot be read or written (read-only, disk full, being
+        # written by another process): say what was wrong, no traceback.
         print(f"nucsynth {args.command}: error: {e}", file=sys.stderr)
         return 2
 
