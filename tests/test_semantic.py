@@ -106,7 +106,9 @@ def test_guidance_zero_is_one_pass_and_guidance_changes_output(model):
         assert calls == [1, 1]  # one network pass per step, batch of 1
         calls.clear()
         g1 = model.sample([_layout()], steps=2, guidance=2.0, seed=0)
-        assert calls == [2, 2]  # cond + null in ONE batched pass per step
+        # cond + null rows per step; on CPU each row is its own call (bit-identical to a
+        # batch render: nucsynth.diffusion.noise.exact_rows), which costs no more there
+        assert calls == [1, 1, 1, 1]
     finally:
         hook.remove()
     assert not np.array_equal(g0[0].image, g1[0].image)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nucsynth.diffusion.gaussian import as_index, gather_constant, respace_indices
+from nucsynth.diffusion.noise import Generators, rand, randint
 from nucsynth.diffusion.schedules import respace_betas, validate_betas
 
 _LOG_EPS = 1e-30  # log(0) stand-in for one-hot vectors (finite, so 0 * log 0 terms stay 0)
@@ -48,10 +49,10 @@ def log_onehot(x: Tensor, num_classes: int) -> Tensor:
     return torch.log(onehot.clamp(min=_LOG_EPS))
 
 
-def gumbel_argmax(log_probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Sample class indices (B, *spatial) from log-probabilities (B, K, *spatial)."""
-    gen_device = generator.device if generator is not None else log_probs.device
-    u = torch.rand(log_probs.shape, generator=generator, device=gen_device, dtype=log_probs.dtype).to(log_probs.device)
+def gumbel_argmax(log_probs: Tensor, generator: Generators = None) -> Tensor:
+    """Sample class indices (B, *spatial) from log-probabilities (B, K, *spatial); one
+    generator, or one per row (see :mod:`nucsynth.diffusion.noise`)."""
+    u = rand(log_probs.shape, generator, log_probs.device, log_probs.dtype)
     neg_log_u = (-torch.log(u.clamp(min=1e-30))).clamp(min=1e-30)
     gumbel = -torch.log(neg_log_u)
     return (log_probs + gumbel).argmax(dim=1)
@@ -162,12 +163,11 @@ class MultinomialDiffusion:
         return terms
 
     # ------------------------------------------------------------------ sampling
-    def sample_prior(self, shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    def sample_prior(self, shape: Sequence[int], generator: Generators = None, device: torch.device | str = "cpu") -> Tensor:
         """Labels (B, ...) from the stationary distribution: uniform over the K classes."""
-        gen_device = generator.device if generator is not None else device
-        return torch.randint(0, self.num_classes, tuple(shape), generator=generator, device=gen_device).to(device)
+        return randint(self.num_classes, shape, generator, device)
 
-    def step(self, logits: Tensor, xt: Tensor, i: int | Tensor, generator: torch.Generator | None = None, argmax_final: bool = False) -> Tensor:
+    def step(self, logits: Tensor, xt: Tensor, i: int | Tensor, generator: Generators = None, argmax_final: bool = False) -> Tensor:
         """One reverse step x_i -> x_{i-1} ~ p(x_{i-1} | x_i) given the network's logits
         (B, K, ...) at (x_i, timesteps[i]). At i = 0 the result is the data estimate
         (sampled, or the most probable class with ``argmax_final``)."""

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from nucsynth.diffusion.gaussian import GaussianDiffusion
+from nucsynth.diffusion.noise import Generators, randn
 from nucsynth.diffusion.schedules import space_timesteps
 
 METHODS = ("dpm++2m", "ddim", "ancestral")
@@ -38,10 +39,6 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 ProgressFn = Callable[[int, int], None]
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise drawn from ``generator`` (on its own device), moved to ``device``."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 class Stepper:
@@ -69,7 +66,7 @@ class Stepper:
         self._prev: tuple[int, Tensor] | None = None  # (index, x0 prediction) for 2M
         self._last_index: int | None = None
 
-    def step(self, model_out: Tensor, x: Tensor, i: int, generator: torch.Generator | None = None) -> Tensor:
+    def step(self, model_out: Tensor, x: Tensor, i: int, generator: Generators = None) -> Tensor:
         """Advance x_i -> x_{i-1} given the network output at index i."""
         if not 0 <= i < self.process.num_timesteps:
             raise ValueError(f"step index {i} outside 0..{self.process.num_timesteps - 1}")
@@ -85,13 +82,13 @@ class Stepper:
             return self._ddim(x0, eps, i, generator)
         return self._dpmpp_2m(x, x0, i)
 
-    def _ancestral(self, model_out: Tensor, x: Tensor, t: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+    def _ancestral(self, model_out: Tensor, x: Tensor, t: Tensor, i: int, generator: Generators) -> Tensor:
         out = self.process.p_mean_variance(model_out, x, t, clip_x0=self.clip_x0)
         if i == 0:
             return out["mean"]
         return out["mean"] + torch.exp(0.5 * out["logvar"]) * randn(x.shape, generator, x.device, x.dtype)
 
-    def _ddim(self, x0: Tensor, eps: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+    def _ddim(self, x0: Tensor, eps: Tensor, i: int, generator: Generators) -> Tensor:
         abar = self.process.alphas_cumprod[i]
         abar_prev = self.process.alphas_cumprod_prev[i]  # 1 at i = 0: land on the data
         sigma = self.eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
@@ -116,13 +113,15 @@ class Stepper:
         return out
 
 
-def _resolve_device(device: torch.device | str | None, init_image: Tensor | None, generator: torch.Generator | None) -> torch.device:
+def _resolve_device(device: torch.device | str | None, init_image: Tensor | None, generator: Generators) -> torch.device:
     if device is not None:
         return torch.device(device)
     if init_image is not None:
         return init_image.device
-    if generator is not None:
+    if isinstance(generator, torch.Generator):
         return generator.device
+    if generator:
+        return list(generator)[0].device
     return torch.device("cpu")
 
 
@@ -174,7 +173,7 @@ def sample(
     steps: int | Sequence[int],
     method: str = "dpm++2m",
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     init_image: Tensor | None = None,
     strength: float | None = None,
     mask: Tensor | np.ndarray | None = None,
@@ -193,7 +192,10 @@ def sample(
         shape: the sample shape (B, C, H, W).
         steps: number of sampling steps or the original timesteps to visit.
         method: ``"dpm++2m"`` (10-25 steps), ``"ddim"`` (>= 50; ``eta``) or ``"ancestral"``.
-        generator: makes the result deterministic (same seed + inputs + device).
+        generator: makes the result deterministic (same seed + inputs + device); a
+            sequence of generators, one per sample, draws each sample's noise from its own
+            (a sample then does not depend on the others of its batch: see
+            :mod:`nucsynth.diffusion.noise`).
         init_image: (B, C, H, W) data-scale image for partial noising and/or masked
             re-rendering.
         strength: in [0, 1]: the image is noised to original timestep about

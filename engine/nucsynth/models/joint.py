@@ -399,20 +399,23 @@ class JointModel(ModelFamily):
         prompts: list[str],
         steps: int,
         guidance: float,
-        seed: int,
+        seed: int | Sequence[int],
         sampler: str,
         guide_points: bool,
         progress: Callable[[int, int], None] | None,
     ) -> JointMaps:
         from nucsynth.diffusion import Stepper, guided
-        from nucsynth.diffusion.sampling import DEFAULT_SPACING, randn
+        from nucsynth.diffusion.noise import exact_rows, generators, randn, row_seeds
+        from nucsynth.diffusion.sampling import DEFAULT_SPACING
         from nucsynth.models.semantic import to_uint8
 
         dev = next(net.parameters()).device
         amp = dev.type == "cuda"
         b, (h, w) = points.shape[0], points.shape[-2:]
         points = points.to(dev)
-        text = self.text_features(prompts, net)
+        # one prompt at a time on CPU: a row's features then do not depend on its batch
+        text = (torch.cat([self.text_features([p], net) for p in prompts]) if dev.type == "cpu"
+                else self.text_features(prompts, net))
         cond = {"points": points, "text": text}
         null = {"points": torch.zeros_like(points[:1]) if guide_points else points, "text": torch.zeros_like(text[:1])}
 
@@ -420,13 +423,13 @@ class JointModel(ModelFamily):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 return net(x[:, :3], x[:, 3:4], x[:, 4].long(), t, c["points"], c["text"]).float()
 
-        model_fn = guided(net_fn, cond, null, float(guidance), eps_channels=self.config.out_channels)
+        model_fn = guided(exact_rows(net_fn, dev), cond, null, float(guidance), eps_channels=self.config.out_channels)
         img_p = self.image_diffusion.respaced(int(steps), DEFAULT_SPACING[sampler])
         ts = img_p.timesteps.tolist()  # ONE step set for all three outputs
         dist_p = self.dist_diffusion.respaced(ts)
         lab_p = self.label_diffusion.respaced(ts)
         st_img, st_dist = Stepper(img_p, sampler), Stepper(dist_p, sampler)
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        gen = generators(row_seeds(seed, b), dev)  # layout i gets seed + i, alone or in a batch
         x_img = randn((b, 3, h, w), gen, dev)
         x_dist = randn((b, 1, h, w), gen, dev)
         x_lab = lab_p.sample_prior((b, h, w), gen, dev)
@@ -484,7 +487,7 @@ class JointModel(ModelFamily):
         prompts: str | Sequence[str] | None = None,
         steps: int = 20,
         guidance: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         progress: Callable[[int, int], None] | None = None,
         sampler: str = "dpm++2m",
         guide_points: bool = False,
@@ -502,7 +505,7 @@ class JointModel(ModelFamily):
         lays = self._check_layouts(point_layouts)
         texts = self._prompts(prompts, lays)
         points = torch.from_numpy(np.stack([l.point_map() for l in lays]).astype(np.int64))
-        return self._sample_maps(self.net, points, texts, int(steps), float(guidance), int(seed), sampler,
+        return self._sample_maps(self.net, points, texts, int(steps), float(guidance), seed, sampler,
                                  bool(guide_points), progress)
 
     def sample(
@@ -511,7 +514,7 @@ class JointModel(ModelFamily):
         prompts: str | Sequence[str] | None = None,
         steps: int = 20,
         guidance: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         progress: Callable[[int, int], None] | None = None,
         sampler: str = "dpm++2m",
         guide_points: bool = False,
@@ -528,19 +531,23 @@ class JointModel(ModelFamily):
         The nuclei of each Sample are the point-marker watershed's: nucleus i is grown from
         point i; ``class_source`` ``"label"`` (majority of the generated label, else the
         point's class) or ``"points"`` (the given classes). ``progress(i, n)`` after each
-        step; raise in it to cancel. Same seed + inputs + device -> same Samples.
+        step; raise in it to cancel. ``seed``: int s (layout i gets s + i) or one per
+        layout: a layout sampled alone with its seed gives what it got in a batch (CPU).
+        Same seed + inputs + device -> same Samples.
         """
         from nucsynth.postprocess import point_watershed
 
         if class_source not in CLASS_SOURCES:
             raise ValueError(f"class_source must be one of {CLASS_SOURCES}, got {class_source!r}")
+        from nucsynth.diffusion.noise import row_seeds
+
         lays = self._check_layouts(point_layouts)
-        maps = self.sample_maps(lays, prompts, steps, guidance, seed, progress, sampler, guide_points)
+        seeds = row_seeds(seed, len(lays))
+        maps = self.sample_maps(lays, prompts, steps, guidance, seeds, progress, sampler, guide_points)
         prov = {
             "model": f"nucsynth.joint/{self.config.preset}",
             "checkpoint": self.checkpoint,
             "checkpoint_step": self.step,
-            "seed": int(seed),
             "steps": int(steps),
             "guidance": float(guidance),
             "guide_points": bool(guide_points),
@@ -554,6 +561,7 @@ class JointModel(ModelFamily):
             label = maps.labels[i]
             inst = point_watershed(maps.distance[i], label > 0, points,
                                    label_map=label if class_source == "label" else None)
-            out.append(Sample(inst, maps.images[i], {**prov, "prompt": maps.prompts[i], "batch_index": i}))
+            out.append(Sample(inst, maps.images[i], {**prov, "seed": seeds[i], "prompt": maps.prompts[i],
+                                                     "batch_index": i}))
         return out
 

@@ -224,20 +224,21 @@ class StructureModel(ModelFamily):
         progress: Callable[[int, int], None] | None,
     ) -> torch.Tensor:
         from nucsynth.diffusion import sample
+        from nucsynth.diffusion.noise import exact_rows, generators, row_seeds
 
         dev = next(net.parameters()).device
         amp = dev.type == "cuda"
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def net_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 return net(x, t).float()
 
         was_training = net.training
         net.eval()
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        gen = generators(row_seeds(seed, count), dev)  # structure i gets seed + i, alone or in a batch
         try:
             with torch.no_grad():
-                return sample(self.diffusion, model_fn, (count, CHANNELS, *size), steps, method=sampler,
+                return sample(self.diffusion, exact_rows(net_fn, dev), (count, CHANNELS, *size), steps, method=sampler,
                               generator=gen, progress=progress, device=dev)
         finally:
             net.train(was_training)
@@ -263,7 +264,8 @@ class StructureModel(ModelFamily):
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """``count`` raw structures float32 (count, 3, H, W) (mask, H, V in about [-1, 1]),
-        drawn in one batch. Same seed + arguments + device -> same structures."""
+        drawn in one batch; structure i has seed ``seed + i`` (the same alone or in a
+        batch). Same seed + arguments + device -> same structures."""
         if self.net is None:
             raise ValueError("this model has no network loaded: use nucsynth.checkpoint.load_checkpoint")
         if int(count) < 1:
