@@ -153,9 +153,12 @@ def test_folder_with_class_names(tmp_path):
     assert s.layout.classes.tolist() == [4, 1, 3]
     assert s.layout.num_nuclei == 3 and s.layout.inst_map.max() == 3
     assert s.provenance["tile"] == "slide_4"
-    (t,) = read_folder(folder)  # no class set: built from the sorted names
-    assert t.layout.class_set.names == ("Other", "epithelial", "spindle")
+    (t,) = read_folder(folder)  # no class set, names all of one known set: that set
+    assert t.layout.class_set == CONSEP_CLASSES and t.layout.classes.tolist() == [4, 1, 3]
     assert detect_format(folder) == "folder"
+    folder, _ = make_folder(tmp_path / "g", "image,id,class\nslide_4_0,1,tumour\nslide_4_0,2,Stroma\nslide_4_0,9,tumour\n")
+    (u,) = read_folder(folder)  # names of no known set: a set built from the sorted names
+    assert u.layout.class_set.names == ("Stroma", "tumour") and u.layout.classes.tolist() == [2, 1, 2]
 
 
 def test_folder_png_labels_and_no_csv(tmp_path):

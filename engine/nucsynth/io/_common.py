@@ -31,22 +31,101 @@ def tile_of(stem: str) -> str:
     return m.group("tile") if m else stem
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def _high_depth_to_uint8(path: Path, arr: np.ndarray, source_bits: int | None) -> np.ndarray:
+    """An 8-bit copy of a 16-bit image whose true depth is ``source_bits``; refused without it."""
+    top = int(arr.max()) if arr.size else 0
+    if source_bits is None:
+        raise FormatError(
+            path,
+            f"image is {arr.dtype.itemsize * 8}-bit (largest value {top}); images must be 8-bit RGB. Convert it, or "
+            "read it with source_bits=N (its true bit depth, e.g. 12 or 16) to scale 0..2^N-1 onto 0..255",
+        )
+    if not 9 <= int(source_bits) <= 16:
+        raise ValueError(f"source_bits must be the true bit depth of a 16-bit image, 9..16; got {source_bits}")
+    full = (1 << int(source_bits)) - 1
+    if top > full:
+        raise FormatError(path, f"image holds value {top}, above the {source_bits}-bit range 0..{full}: pass its true bit depth")
+    return np.rint(arr.astype(np.float64) * (255.0 / full)).astype(np.uint8)
+
+
+def _to_rgb(path: Path, arr: np.ndarray, source_bits: int | None) -> np.ndarray:
+    """(H, W, 3) uint8 from a decoded grey / RGB / RGBA array (channels last or, for TIFF, first)."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar TIFF (C, H, W)
+    if arr.ndim == 3 and arr.shape[-1] in (2, 4):
+        arr = arr[..., :-1]  # drop alpha
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise FormatError(path, f"expected a grey or RGB image, got an array of shape {arr.shape} (several pages or channels?)")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype in (np.uint16, np.dtype(">u2")):
+        return _high_depth_to_uint8(path, arr, source_bits)
+    raise FormatError(path, f"image samples are {arr.dtype}, not 8-bit integers; convert it to 8-bit RGB first")
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """The bit depth stored in a PNG header (IHDR byte 24), None for other files."""
+    with path.open("rb") as f:
+        head = f.read(25)
+    if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def read_image(path: str | Path, source_bits: int | None = None) -> np.ndarray:
     """An RGB uint8 (H, W, 3) image from PNG / JPEG / TIFF / BMP.
 
-    Grey images are repeated to 3 channels; an alpha channel is dropped. 16-bit and float
-    images are refused (no silent rescaling): convert them to 8-bit first.
+    Grey images are repeated to 3 channels; an alpha channel is dropped. 16-bit images are
+    refused with a FormatError (never silently cut to 8 bits) unless ``source_bits`` gives
+    their true depth (9..16, e.g. 12 for 12-bit camera data): values 0..2^N-1 are then
+    scaled to 0..255 (rounded); a value above that range is an error. Float images are
+    refused. 16-bit PNGs are decoded with OpenCV (``opencv-python-headless``).
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if source_bits is not None and not 9 <= int(source_bits) <= 16:
+        raise ValueError(f"source_bits must be the true bit depth of a 16-bit image, 9..16; got {source_bits}")
     if not path.is_file():
         raise FormatError(path, "image file not found")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            decoded = tifffile.imread(path)
+        except Exception:  # compressions tifffile cannot decode without extra codecs: try Pillow
+            decoded = None
+        if decoded is not None:
+            return np.ascontiguousarray(_to_rgb(path, decoded, source_bits))
+    if _png_bit_depth(path) == 16:  # Pillow decodes 16-bit RGB PNGs to 8 bits without a word
+        try:
+            import cv2
+        except ImportError:
+            _high_depth_to_uint8(path, np.zeros(1, np.uint16), source_bits)  # refuses when not asked to convert
+            raise FormatError(path, "converting a 16-bit PNG needs OpenCV (pip install opencv-python-headless)") from None
+        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise FormatError(path, "cannot decode the 16-bit PNG (truncated?)")
+        if arr.ndim == 3:
+            arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]] if arr.shape[2] >= 3 else arr  # OpenCV keeps BGR(A)
+        return np.ascontiguousarray(_to_rgb(path, arr, source_bits))
     try:
         with Image.open(path) as im:
+            raw_modes = [str(t[3]) for t in (im.tile or [])]
             im.load()
+            if any(";16" in m for m in raw_modes) and not im.mode.startswith("I;16"):
+                # Pillow would hand back the 16-bit samples cut to 8 bits: never silently
+                _high_depth_to_uint8(path, np.zeros(1, np.uint16), source_bits)
+                raise FormatError(path, f"this {im.format} 16-bit image cannot be converted here: convert it to 8-bit RGB")
             if im.mode in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"):
                 arr = np.asarray(im.convert("RGB"))
+            elif im.mode.startswith("I;16"):
+                arr = _to_rgb(path, np.asarray(im).astype(np.uint16), source_bits)
             else:
                 raise FormatError(
                     path, f"image mode {im.mode!r} is not 8-bit RGB or grey; convert it to 8-bit RGB first"
@@ -179,9 +258,11 @@ def layout_from_ids(
         raise FormatError(path, f"instance ids {unlisted[:5].tolist()} appear in the map but have no class entry")
     order = np.argsort(ids, kind="stable")
     ids, classes = ids[order], np.asarray(classes, np.int64)[order]
-    lut = np.zeros(int(max(ids.max() if ids.size else 0, inst_map.max())) + 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-    new_map = lut[inst_map]
+    # id -> rank by binary search: memory follows the pixels and nuclei, never the largest id
+    # (every nonzero pixel's id is listed, checked above).
+    new_map = np.zeros(inst_map.shape, np.int32)
+    fg = inst_map != 0
+    new_map[fg] = (np.searchsorted(ids, inst_map[fg]) + 1).astype(np.int32)
     has_pixels = np.isin(ids, present)
     if centroids is None:
         if not has_pixels.all():
@@ -197,12 +278,13 @@ def layout_from_inst_map(path: Path, inst_map: np.ndarray, classes_by_id: np.nda
     ``classes_by_id`` may be None (all classes unknown, 0).
     """
     n = int(inst_map.max())
-    if classes_by_id is None:
-        classes_by_id = np.zeros(n, np.int64)
-    if classes_by_id.size < n:
+    if classes_by_id is not None and classes_by_id.size < n:
         raise FormatError(path, f"instance map holds id {n} but only {classes_by_id.size} classes are given")
     new, old = relabel_contiguous(inst_map)
-    classes = classes_by_id[old - 1] if old.size else np.zeros(0, np.int64)
+    if classes_by_id is None:  # sized by the nuclei present, never by the largest id
+        classes = np.zeros(old.size, np.int64)
+    else:
+        classes = classes_by_id[old - 1] if old.size else np.zeros(0, np.int64)
     return _validated(path, lambda: Layout.from_inst_map(new, classes, class_set))
 
 

@@ -51,7 +51,7 @@ from nucsynth.io._common import (
 )
 from nucsynth.io.classes import CONSEP7_CLASSES, ClassMerge, get_merge
 from nucsynth.io.errors import FormatError
-from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, Sample
+from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, Sample, relabel_contiguous
 
 __all__ = ["read_consep", "read_consep_file"]
 
@@ -71,6 +71,8 @@ def _majority_types(path: Path, inst_map: np.ndarray, type_map: Any) -> np.ndarr
         raise FormatError(path, f"type_map is {tmap.shape} but inst_map is {inst_map.shape}")
     n = int(inst_map.max())
     t = int(tmap.max()) + 1
+    if t > 256:
+        raise FormatError(path, f"type_map holds class id {t - 1}; class ids are small integers (0 background)")
     counts = np.bincount(inst_map.ravel().astype(np.int64) * t + tmap.ravel(), minlength=(n + 1) * t)
     return counts.reshape(n + 1, t)[1:].argmax(axis=1).astype(np.int64)
 
@@ -85,6 +87,8 @@ def _read_raw(path: Path) -> _RawLabels:
             raise FormatError(path, f"inst_type has {classes.size} entries but inst_map holds ids up to {n}")
         classes = classes[:n]
     elif "type_map" in mat:
+        inst, _ = relabel_contiguous(inst)  # ids have no meaning beyond the map here; keeps tables small
+        n = int(inst.max())
         classes = _majority_types(path, inst, mat["type_map"])
     else:
         keys = sorted(k for k in mat if not k.startswith("__"))
@@ -92,7 +96,8 @@ def _read_raw(path: Path) -> _RawLabels:
     if classes.size and classes.min() < 0:
         raise FormatError(path, f"class ids must be >= 0, found {classes.min()}")
     cen = None
-    contiguous = bool(np.all(np.bincount(inst.ravel(), minlength=n + 1)[1:] > 0))  # ids 1..n all present
+    # ids 1..n all present (more ids than pixels cannot be; the check keeps bincount linear in pixels)
+    contiguous = n <= inst.size and bool(np.all(np.bincount(inst.ravel(), minlength=n + 1)[1:] > 0))
     if "inst_centroid" in mat and contiguous:
         cen = xy_to_yx(path, mat["inst_centroid"], "inst_centroid", n)
     return _RawLabels(path, inst, classes, cen)
@@ -130,7 +135,9 @@ def _resolve_merge(
     return None, CONSEP7_CLASSES
 
 
-def _to_sample(raw: _RawLabels, image_path: Path, merge: ClassMerge | None, class_set: ClassSet) -> Sample:
+def _to_sample(
+    raw: _RawLabels, image_path: Path, merge: ClassMerge | None, class_set: ClassSet, source_bits: int | None = None
+) -> Sample:
     classes = merge.apply(raw.classes) if merge is not None else raw.classes
     check_class_ids(raw.path, classes, class_set, "inst_type")
     if raw.centroids_yx is not None:
@@ -147,7 +154,7 @@ def _to_sample(raw: _RawLabels, image_path: Path, merge: ClassMerge | None, clas
         "tile": tile_of(raw.path.stem),
         "class_merge": merge.name if merge is not None else None,
     }
-    return make_sample(raw.path, layout, read_image(image_path), prov)
+    return make_sample(raw.path, layout, read_image(image_path, source_bits), prov)
 
 
 def read_consep_file(
@@ -155,33 +162,37 @@ def read_consep_file(
     image_path: str | Path | None = None,
     merge_classes: bool | str | ClassMerge = True,
     class_set: ClassSet | None = None,
+    source_bits: int | None = None,
 ) -> Sample:
     """One HoVer-Net ``.mat`` + its image (default: ``../Images/<stem>.*`` next to ``Labels/``).
 
     With ``merge_classes=True`` a single file is taken as 7-class only if it holds ids > 4;
     pass ``merge_classes="consep7"`` when you know the file is from the 7-class release.
+    ``source_bits``: see :func:`nucsynth.io._common.read_image` (16-bit images).
     """
     mat_path = Path(mat_path)
     raw = _read_raw(mat_path)
     img = Path(image_path) if image_path is not None else find_image(mat_path.parent.parent / "Images", mat_path.stem, mat_path)
     merge, cs = _resolve_merge([raw], merge_classes, class_set)
-    return _to_sample(raw, img, merge, cs)
+    return _to_sample(raw, img, merge, cs, source_bits)
 
 
 def read_consep(
     folder: str | Path,
     merge_classes: bool | str | ClassMerge = True,
     class_set: ClassSet | None = None,
+    source_bits: int | None = None,
 ) -> list[Sample]:
     """All samples of a CoNSeP-style folder (``Images/`` + ``Labels/*.mat``), sorted by name
     (or the one sample of a single ``.mat`` file given instead of the folder).
 
-    See the module doc for ``merge_classes`` and ``class_set``. Every label needs its image
+    See the module doc for ``merge_classes`` and ``class_set``; ``source_bits`` converts
+    16-bit images (:func:`nucsynth.io._common.read_image`), which are refused without it. Every label needs its image
     (same stem); a missing one is a :class:`FormatError` naming the label file.
     """
     folder = Path(folder)
     if folder.is_file():  # a single .mat: its image is looked up in ../Images
-        return [read_consep_file(folder, merge_classes=merge_classes, class_set=class_set)]
+        return [read_consep_file(folder, merge_classes=merge_classes, class_set=class_set, source_bits=source_bits)]
     labels_dir, images_dir = folder / "Labels", folder / "Images"
     if not labels_dir.is_dir() or not images_dir.is_dir():
         raise FormatError(folder, "a CoNSeP folder needs the sub-folders Images/ and Labels/")
@@ -191,4 +202,4 @@ def read_consep(
     pairs = [(m, find_image(images_dir, m.stem, m)) for m in mats]  # fail fast on a missing image
     raws = [_read_raw(m) for m, _ in pairs]
     merge, cs = _resolve_merge(raws, merge_classes, class_set)
-    return [_to_sample(raw, img, merge, cs) for raw, (_, img) in zip(raws, pairs)]
+    return [_to_sample(raw, img, merge, cs, source_bits) for raw, (_, img) in zip(raws, pairs)]

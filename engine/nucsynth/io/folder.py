@@ -6,6 +6,7 @@ Layout::
     <folder>/labels/<name>.<tif|tiff|png>      instance map: 0 background, ids >= 1
     <folder>/classes.csv                       optional; header ``image,id,class``
 
+The CSV is UTF-8, with or without a byte-order mark (as spreadsheet programs save it).
 ``image`` is the image name without suffix (``<name>``), ``id`` an instance id of its
 label image, ``class`` a class name of ``class_set`` (case-insensitive) or an integer id.
 Without the CSV every nucleus has class 0 (unknown). Ids with gaps are renumbered 1..N in
@@ -13,8 +14,10 @@ increasing order; classes follow their ids. A label id absent from the CSV gets 
 when the CSV has no row at all for that image, and is an error otherwise (a half-filled
 table is more likely a mistake than intent). Centroids are the centres of mass (y, x).
 
-Class set: ``class_set`` if given; else, when the CSV uses names, one built from the
-sorted names; else (integer classes or no CSV) :data:`nucsynth.layout.NUCLEUS_CLASSES`
+Class set: ``class_set`` if given; else, when the CSV uses names, the known class set
+(CoNSeP 4 or 7, PanNuke, Lizard, GLySAC) holding all of them if exactly one does, else one
+built from the sorted names (classes are matched by name wherever two sets meet, so the
+order does not matter: :func:`nucsynth.layout.class_lut`); else (integer classes or no CSV) :data:`nucsynth.layout.NUCLEUS_CLASSES`
 for class ids 0-1, and an error asking for a class set beyond that.
 Provenance ``"tile"`` is the image name (or, for names like ``<tile>_<n>_<k>``, the tile:
 see :func:`nucsynth.io._common.tile_of`).
@@ -38,17 +41,20 @@ from nucsynth.io._common import (
     tile_of,
 )
 from nucsynth.io.errors import FormatError
-from nucsynth.layout import NUCLEUS_CLASSES, ClassSet, Sample
+from nucsynth.io.classes import CONSEP7_CLASSES, GLYSAC_CLASSES
+from nucsynth.layout import CONSEP_CLASSES, LIZARD_CLASSES, NUCLEUS_CLASSES, PANNUKE_CLASSES, ClassSet, Sample
 
 __all__ = ["read_folder"]
 
+# A CSV whose class names all belong to exactly one of these is read in that class set.
+_KNOWN_SETS = (CONSEP_CLASSES, PANNUKE_CLASSES, LIZARD_CLASSES, CONSEP7_CLASSES, GLYSAC_CLASSES)
 _PALETTE = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0), (128, 0, 255))
 
 
 def _read_csv(path: Path) -> dict[str, dict[int, str]]:
     table: dict[str, dict[int, str]] = {}
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet programs write a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"image", "id", "class"} <= {h.strip() for h in reader.fieldnames}:
                 raise FormatError(path, f"header must hold the columns image,id,class; got {reader.fieldnames}")
@@ -76,6 +82,9 @@ def _class_set_for(path: Path, table: dict[str, dict[int, str]], class_set: Clas
         return class_set
     values = {v for per in table.values() for v in per.values()}
     names = sorted(v for v in values if not v.lstrip("-").isdigit())
+    known = [cs for cs in _KNOWN_SETS if {n.lower() for n in names} <= {n.lower() for n in cs.names}]
+    if names and len(known) == 1:
+        return known[0]
     if names:
         return ClassSet(path.parent.name or "folder", tuple(names), tuple(_PALETTE[i % len(_PALETTE)] for i in range(len(names))))
     top = max((int(v) for v in values), default=0)
@@ -93,8 +102,12 @@ def _class_id(path: Path, value: str, cs: ClassSet) -> int:
     return lookup[value.lower()]
 
 
-def read_folder(folder: str | Path, class_set: ClassSet | None = None) -> list[Sample]:
-    """All samples of a plain ``images/`` + ``labels/`` (+ ``classes.csv``) folder."""
+def read_folder(folder: str | Path, class_set: ClassSet | None = None, source_bits: int | None = None) -> list[Sample]:
+    """All samples of a plain ``images/`` + ``labels/`` (+ ``classes.csv``) folder.
+
+    ``source_bits`` converts 16-bit images (see :func:`nucsynth.io._common.read_image`);
+    without it they are refused.
+    """
     folder = Path(folder)
     img_dir, lab_dir, csv_path = folder / "images", folder / "labels", folder / "classes.csv"
     if not img_dir.is_dir() or not lab_dir.is_dir():
@@ -130,5 +143,5 @@ def read_folder(folder: str | Path, class_set: ClassSet | None = None) -> list[S
         layout = layout_from_ids(lab, inst.astype(np.int32), ids, classes, cs)
         img_path = find_image(img_dir, lab.stem, lab)
         prov = {"source": str(img_path), "labels": str(lab), "format": "folder", "tile": tile_of(lab.stem)}
-        out.append(make_sample(lab, layout, read_image(img_path), prov))
+        out.append(make_sample(lab, layout, read_image(img_path, source_bits), prov))
     return out

@@ -9,7 +9,12 @@ Accepted layouts: the three files together in ``<folder>/``, or the released fol
 - ``masks.npy``: (N, 256, 256, 6): channels 0-4 hold instance ids of the nuclei of each
   class, channel 5 is the background. Channel c maps to class c+1 of
   :data:`nucsynth.layout.PANNUKE_CLASSES` (1 neoplastic, 2 inflammatory, 3 connective /
-  soft tissue, 4 dead, 5 epithelial).
+  soft tissue, 4 dead, 5 epithelial). A common re-save moves the background channel
+  first (channels 1-5 are then the classes): the reader detects which channel is the
+  background (one nonzero value, set exactly where no other channel holds a nucleus),
+  reads either order correctly, records it in provenance ``"mask_channels"``
+  (``"release"`` / ``"background-first"``), and refuses a file mixing the two.
+  Instance ids may be any size (memory follows the pixels, not the largest id).
 - ``types.npy``: (N,) tissue name per image, stored in provenance ``"tissue"``.
 
 A nucleus is an (channel, id) pair, so equal ids in two channels are two nuclei. Pixels
@@ -21,6 +26,7 @@ gives no slide ids, so each patch is its own group for splitting.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,23 +66,73 @@ def _as_uint8_image(path: Path, img: np.ndarray, i: int) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def _inst_from_channels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Instance map (ids 1..n, gaps possible) and class of each id from the 5 class channels."""
+def _inst_from_channels(mask: np.ndarray, order: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Instance map (ids 1..n) and class of each id from the 5 class channels ``order``.
+
+    Ids are ranked per channel with ``np.unique`` (memory follows pixels, never the largest id).
+    """
     h, w, _ = mask.shape
     inst = np.zeros((h, w), np.int64)
     classes: list[int] = []
-    for c in range(5):
+    for k, c in enumerate(order):
         ch = np.asarray(mask[..., c]).astype(np.int64)
-        ids = np.unique(ch)
-        ids = ids[ids > 0]
-        if ids.size == 0:
-            continue
-        lut = np.zeros(int(ids.max()) + 1, np.int64)
-        lut[ids] = len(classes) + 1 + np.arange(ids.size)
         sel = ch > 0
-        inst[sel] = lut[ch[sel]]
-        classes.extend([c + 1] * ids.size)
+        if not sel.any():
+            continue
+        ids, rank = np.unique(ch[sel], return_inverse=True)
+        inst[sel] = len(classes) + 1 + rank
+        classes.extend([k + 1] * ids.size)
     return inst.astype(np.int32), np.asarray(classes, np.int64)
+
+
+RELEASE = (0, 1, 2, 3, 4)  # class channels of the released masks.npy; channel 5 is the background
+BACKGROUND_FIRST = (1, 2, 3, 4, 5)  # a common re-save puts the background channel first
+
+
+def _is_background(m: np.ndarray, c: int) -> bool:
+    """Channel ``c`` is a background mask: one nonzero value, set (on >= 99% of pixels)
+    exactly where none of the other five channels holds a nucleus."""
+    ch = m[..., c]
+    vals = np.unique(ch)
+    if vals.size > 2 or not (vals != 0).any():
+        return False
+    others = np.delete(m, c, axis=-1)
+    return float(np.mean((ch != 0) == ~(others != 0).any(axis=-1))) >= 0.99
+
+
+def _verdict(m: np.ndarray) -> str | None:
+    """``"release"`` or ``"background-first"`` by which of channels 5 and 0 is the background
+    mask; ``"neither"`` when none is; None when it cannot be told.
+
+    When both fit (a class channel holding a single nucleus id mirrors the background: it
+    is set exactly where no other channel, background included, is), the larger one is the
+    background, since one nucleus never covers more than the rest of a patch.
+    """
+    last, head = _is_background(m, 5), _is_background(m, 0)
+    if last and head:
+        a5, a0 = int(np.count_nonzero(m[..., 5])), int(np.count_nonzero(m[..., 0]))
+        return None if a5 == a0 else ("release" if a5 > a0 else "background-first")
+    if last != head:
+        return "release" if last else "background-first"
+    return "neither"
+
+
+def _channel_order(path: Path, masks: np.ndarray, indices: list[int]) -> str:
+    """The channel order of this file, from the first patch whose verdict is clear; the
+    release order (with a warning) when no patch shows a background channel."""
+    seen_neither = False
+    for i in indices:
+        v = _verdict(np.asarray(masks[i]))
+        if v in ("release", "background-first"):
+            return v
+        seen_neither |= v == "neither"
+    if seen_neither:
+        warnings.warn(
+            f"{path}: no patch has a background mask in channel 5 (or 0); reading channels 0-4 as "
+            "neoplastic, inflammatory, connective, dead, epithelial (the released order)",
+            stacklevel=3,
+        )
+    return "release"
 
 
 def read_pannuke(folder: str | Path, indices: range | list[int] | None = None) -> list[Sample]:
@@ -95,16 +151,23 @@ def read_pannuke(folder: str | Path, indices: range | list[int] | None = None) -
     if masks.dtype.kind not in "fiu":
         raise FormatError(mp, f"masks must be numeric, got dtype {masks.dtype}")
     fold = ip.parent.name if ip.parent != folder else folder.name
+    idx = [int(i) for i in (indices if indices is not None else range(images.shape[0]))]
+    variant = _channel_order(mp, masks, idx)
+    order = BACKGROUND_FIRST if variant == "background-first" else RELEASE
     out = []
-    for i in indices if indices is not None else range(images.shape[0]):
+    for i in idx:
         m = np.asarray(masks[i])
-        if m.dtype.kind == "f" and (not np.all(np.isfinite(m[..., :5])) or not np.all(m[..., :5] == np.round(m[..., :5]))):
+        v = _verdict(m)
+        if v in ("release", "background-first") and v != variant:
+            raise FormatError(mp, f"image {i} has its background in channel {5 if v == 'release' else 0}, "
+                                  f"other images in channel {0 if v == 'release' else 5}: the masks mix two channel orders")
+        if m.dtype.kind == "f" and (not np.all(np.isfinite(m)) or not np.all(m == np.round(m))):
             raise FormatError(mp, f"image {i}: instance ids must be whole numbers")
-        if m[..., :5].min() < 0:
+        if m[..., list(order)].min() < 0:
             raise FormatError(mp, f"image {i}: instance ids must be >= 0")
-        inst, classes = _inst_from_channels(m)
+        inst, classes = _inst_from_channels(m, order)
         layout = layout_from_inst_map(mp, inst, classes, PANNUKE_CLASSES)
         prov = {"source": str(ip), "labels": str(mp), "format": "pannuke", "index": int(i),
-                "tile": f"{fold}/{i}", "tissue": str(types[i])}
+                "tile": f"{fold}/{i}", "tissue": str(types[i]), "mask_channels": variant}
         out.append(make_sample(ip, layout, _as_uint8_image(ip, images[i], i), prov))
     return out
