@@ -12,17 +12,30 @@ A checkpoint folder holds::
 
 Only ``config.json`` and one weights file are needed to sample: :func:`load_checkpoint`
 rebuilds the family and its network from the JSON alone. A training run folder keeps its
-checkpoints under ``<run>/checkpoints/step_<N>``; passing the run folder loads the newest.
+checkpoints under ``<run>/checkpoints/step_<N>``; passing the run folder loads the newest
+INTACT one (:func:`latest_intact`; a damaged newer one is skipped with a warning naming it).
+
+Integrity: ``config.json`` records the SHA-256 of every other file (``"checksums"``); a
+file that is missing, truncated (shorter than its safetensors header says) or differs from
+its checksum is refused with an error naming it, and so are weights holding NaN or inf.
+The folder is written under a hidden temporary name and put in place in one step
+(:mod:`nucsynth.outputs`); temporary folders of killed writes are removed by the next
+write into the same folder (:func:`tidy_checkpoints`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
+
+from nucsynth import outputs
 
 from nucsynth.models.base import ModelFamily, get_family
 
@@ -31,7 +44,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWarning",
     "FORMAT",
+    "checkpoint_problem",
+    "latest_intact",
+    "tidy_checkpoints",
     "save_checkpoint",
     "load_checkpoint",
     "load_training_state",
@@ -60,6 +77,10 @@ DEFAULT_NAME = "default_semantic"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or of an unknown family."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an older intact one."""
 
 
 # ---------------------------------------------------------------------- atomic writing
@@ -99,16 +120,27 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     _fsync_dir(path.parent)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``, replacing an older one if present."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def tidy_checkpoints(folder: str | Path, report: outputs.Report | None = None) -> list[str]:
+    """Remove the temporary folders that killed checkpoint writes left in ``folder``
+    (those of running processes are kept); returns one line per leftover."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = {lo.output for lo in outputs.leftovers_in(folder)}
+    return [line for out in sorted(names) for line in outputs.tidy(out, remove=True, report=report)]
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder
+    that looks complete: it is first renamed to a hidden temporary name."""
+    aside = outputs.temporary_path(path, "deleting")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _tensors_for_saving(state: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -201,12 +233,14 @@ def save_checkpoint(
     from nucsynth import __version__
 
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise outputs.OutputError(outputs.describe_os_error(e, final)) from None
+    tidy_checkpoints(final.parent, report=None)
+    tmp = outputs.temporary_path(final, "writing")
+    try:
+        tmp.mkdir()
         files = {"ema": EMA}
         _save_tensors(tmp / EMA, (ema if ema is not None else net).state_dict())
         if raw_weights:
@@ -234,13 +268,20 @@ def save_checkpoint(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": {"nucsynth": __version__, "torch": torch.__version__},
         }
+        config["checksums"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         write_json_atomic(tmp / CONFIG, config)
         mode = 0o666 & ~_umask()  # temp-file writers create 0600 files; checkpoints are shared
         for f in tmp.iterdir():
             os.chmod(f, mode)
             _fsync_file(f)
         _fsync_dir(tmp)
-        _replace_dir(tmp, final)
+        outputs.replace_path(tmp, final, overwrite=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, outputs.OutputError):
+            raise
+        raise outputs.OutputError(outputs.describe_os_error(e, final)
+                                  + f" (no checkpoint was written at {final})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -257,8 +298,79 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]) if p.name.split("_", 1)[1].isdigit() else -1)
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable judging from its header and size, or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path.name} is truncated ({size} bytes, its header alone needs {8 + n})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{path.name} cannot be read ({type(e).__name__}: {e})"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"{path.name} is truncated ({size} of {need} bytes)"
+    return None
+
+
+def checkpoint_problem(path: str | Path, resume: bool = False, full: bool = True) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be used, or None if it is intact.
+
+    Checks that the config reads, that the files it lists (and, for ``resume``, every file
+    an exact resume needs) are present and not truncated and, with ``full``, that each
+    matches the SHA-256 recorded at save time (checkpoints of older releases have none).
+    """
+    ckpt = Path(path)
+    try:
+        cfg = read_config(ckpt)
+    except (CheckpointError, FileNotFoundError) as e:
+        return str(e)
+    need = set(cfg.get("files", {EMA: EMA}).values()) if isinstance(cfg.get("files"), dict) else {EMA}
+    if resume:
+        need |= {MODEL, EMA, OPTIMIZER, OPTIMIZER_JSON, RNG, TRAIN_STATE}
+    for name in sorted(need):
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if name.endswith(".safetensors"):
+            why = _safetensors_problem(f)
+            if why:
+                return why
+    sums = cfg.get("checksums") or {}
+    if full:
+        for name, digest in sorted(sums.items()):
+            f = ckpt / name
+            if f.is_file() and _sha256(f) != digest:
+                return f"{name} differs from its recorded SHA-256 (damaged)"
+    return None
+
+
+def latest_intact(run_dir: str | Path, resume: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint of a run folder and the newer damaged ones skipped
+    (path, why), newest first. ``(None, skipped)`` when none is intact."""
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        why = checkpoint_problem(ckpt, resume=resume)
+        if why is None:
+            return ckpt, skipped
+        skipped.append((ckpt, why))
+    return None, skipped
+
+
+def describe_skipped(skipped: list[tuple[Path, str]]) -> str:
+    """One sentence naming the damaged checkpoints that were passed over."""
+    return "; ".join(f"skipped {p.name}: {why}" for p, why in skipped)
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder meant by ``path``: the folder itself, or a run folder's newest."""
+    """The checkpoint folder meant by ``path``: the folder itself, or a run folder's newest
+    intact one (damaged newer ones are skipped with a :class:`CheckpointWarning`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p} does not exist")
@@ -270,7 +382,12 @@ def find_checkpoint(path: str | Path) -> Path:
         return p
     runs = list_checkpoints(p)
     if runs:
-        return runs[-1]
+        best, skipped = latest_intact(p)
+        if best is None:
+            raise CheckpointError(f"no intact checkpoint in {p}: {describe_skipped(skipped)}")
+        if skipped:
+            warnings.warn(f"{p}: using {best.name}; {describe_skipped(skipped)}", CheckpointWarning, stacklevel=2)
+        return best
     raise CheckpointError(
         f"{p} is not a checkpoint: it has no {CONFIG} (and no checkpoints/step_* folders of a training run)"
     )
@@ -308,9 +425,40 @@ def _load_tensors(path: Path, device: str) -> dict[str, "torch.Tensor"]:
         raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable: {e}") from None
 
 
+def _verify(path: Path) -> None:
+    """Refuse a file that is truncated or differs from the SHA-256 in its config.json."""
+    if path.suffix == ".safetensors" and path.is_file():
+        why = _safetensors_problem(path)
+        if why:
+            raise CheckpointError(f"checkpoint file {path} is corrupt: {why}")
+    cfg_path = path.parent / CONFIG
+    try:
+        sums = json.loads(cfg_path.read_text(encoding="utf-8")).get("checksums") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # read_config reports a bad config; a file loaded on its own has none
+    digest = sums.get(path.name) if isinstance(sums, dict) else None
+    if digest is not None and path.is_file() and _sha256(path) != digest:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: it differs from the SHA-256 recorded when it was saved")
+
+
+def _refuse_non_finite(state: Mapping[str, "torch.Tensor"], path: Path) -> None:
+    import torch
+
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint file {path} holds non-finite values (NaN or inf) in {len(bad)} of "
+                              f"{len(state)} tensors (first: {bad[0]!r}); the run diverged or the file is damaged: "
+                              "use an earlier checkpoint")
+
+
 def load_weights(net: "torch.nn.Module", path: Path, device: str = "cpu") -> None:
-    """Load a safetensors state dict into ``net`` (strict), with an error naming the file."""
+    """Load a safetensors state dict into ``net`` (strict), with an error naming the file.
+
+    Refuses a damaged file (truncated, checksum mismatch) and weights holding NaN or inf.
+    """
+    _verify(path)
     state = _load_tensors(path, device)
+    _refuse_non_finite(state, path)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -379,7 +527,11 @@ def load_training_state(
         state = json.loads((ckpt / TRAIN_STATE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: optimizer or training state JSON is corrupt: {e}") from None
-    opt_state = _optimizer_from_files(_load_tensors(ckpt / OPTIMIZER, "cpu"), meta)
+    for f in (OPTIMIZER, RNG, OPTIMIZER_JSON, TRAIN_STATE):
+        _verify(ckpt / f)
+    opt_tensors = _load_tensors(ckpt / OPTIMIZER, "cpu")
+    _refuse_non_finite(opt_tensors, ckpt / OPTIMIZER)
+    opt_state = _optimizer_from_files(opt_tensors, meta)
     try:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError, RuntimeError) as e:

@@ -49,6 +49,7 @@ __all__ = [
     "write_text",
     "write_json",
     "leftovers",
+    "leftovers_in",
     "tidy",
     "describe_os_error",
 ]
@@ -199,25 +200,27 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def leftovers(path: str | Path) -> list[Leftover]:
-    """Temporary files/folders of ``path`` (same folder, hidden names), oldest first."""
-    path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        return []
-    found = []
-    prefix = f".{path.name}."
+def leftovers_in(folder: str | Path) -> list[Leftover]:
+    """Every temporary file/folder in ``folder`` (hidden names of this module), oldest first."""
+    folder = Path(folder)
     try:
-        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+        names = [n for n in os.listdir(folder) if n.startswith(".")]
     except OSError:
         return []
+    found = []
     for n in names:
         m = _TEMP.match(n) or _LEGACY_PID.match(n) or _LEGACY_UUID.match(n)
-        if m is None or m.group("name") != path.name:
+        if m is None:
             continue
-        pid = int(m.group("pid")) if "pid" in m.groupdict() and m.group("pid") else None
-        found.append(Leftover(parent / n, path, m.group("purpose"), pid, _alive(pid)))
+        pid = int(m.group("pid")) if "pid" in m.groupdict() else None
+        found.append(Leftover(folder / n, folder / m.group("name"), m.group("purpose"), pid, _alive(pid)))
     return sorted(found, key=lambda x: _mtime(x.path))
+
+
+def leftovers(path: str | Path) -> list[Leftover]:
+    """Temporary files/folders of the output ``path`` (same folder, hidden names), oldest first."""
+    path = Path(path)
+    return [lo for lo in leftovers_in(path.parent) if lo.output == path]
 
 
 def _mtime(p: Path) -> float:
