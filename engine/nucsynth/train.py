@@ -22,7 +22,6 @@ import csv
 import dataclasses
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,14 @@ import numpy as np
 import torch
 
 from nucsynth.checkpoint import (
+    CheckpointError,
+    describe_skipped,
+    discard_checkpoint,
+    latest_intact,
     load_training_state,
     list_checkpoints,
     save_checkpoint,
+    tidy_checkpoints,
 )
 from nucsynth.models.base import ModelFamily
 
@@ -144,7 +148,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """What :func:`train` did: steps reached, the last checkpoint, the log file, this
-    session's losses, and the trained raw and EMA networks (of this process)."""
+    session's losses, the trained raw and EMA networks (of this process), and on resume
+    the checkpoint resumed from and the newer damaged ones skipped (path, why)."""
 
     step: int
     checkpoint: Path | None
@@ -152,6 +157,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     net: torch.nn.Module | None = None
     ema: torch.nn.Module | None = None
+    resumed_from: Path | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- distributed
@@ -339,8 +346,9 @@ def train(
 
     Writes into ``out_dir``: ``log.csv``, ``checkpoints/step_<N>/`` (every
     ``checkpoint_every`` steps and at the end; the newest ``keep_checkpoints`` kept) and
-    ``previews/step_<N>.png``. ``resume=True`` continues from the newest checkpoint in
-    ``out_dir`` exactly; without it an ``out_dir`` that already holds checkpoints is refused.
+    ``previews/step_<N>.png``. ``resume=True`` continues exactly from the newest INTACT
+    checkpoint in ``out_dir`` (damaged newer ones are skipped and listed in the result);
+    without it an ``out_dir`` that already holds checkpoints is refused.
     ``data`` is the provenance of the training data (stored in checkpoints).
     ``progress(step, total, logs)`` is called after each step and may raise to stop.
     Under torchrun (WORLD_SIZE > 1) it trains with DDP; ``batch_size`` is per process.
@@ -370,12 +378,16 @@ def _train(
     existing = list_checkpoints(out)
     if resume and not existing:
         raise FileNotFoundError(f"cannot resume: {out} holds no checkpoints (checkpoints/step_*)")
+    ckpt, skipped = latest_intact(out, resume=True) if resume else (None, [])
+    if resume and ckpt is None:
+        raise CheckpointError(f"cannot resume: no intact checkpoint in {out}: {describe_skipped(skipped)}")
     if not resume and existing:
         raise FileExistsError(f"{out} already holds a training run ({existing[-1].name}); pass resume or another output folder")
     _barrier(d)  # every rank has looked before rank 0 creates anything
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoints").mkdir(exist_ok=True)
+        tidy_checkpoints(out / "checkpoints", report=None)  # temporary folders of killed writes
     device = _pick_device(cfg, d)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = model.build_network().to(device)
@@ -385,8 +397,7 @@ def _train(
     generator.manual_seed(cfg.seed)
 
     step, elapsed = 0, 0.0
-    if resume:
-        ckpt = existing[-1]
+    if ckpt is not None:
         state, rng = load_training_state(ckpt, net, ema, optimizer)
         _check_resumable(state, cfg, d)
         _restore_rng(rng, generator)
@@ -407,7 +418,7 @@ def _train(
     if d.main:
         log_fh, writer = _open_log(out / LOG_NAME, step if resume else None, _family_log_keys(model))
     losses: list[float] = []
-    last_ckpt: Path | None = existing[-1] if resume else None
+    last_ckpt: Path | None = ckpt
     t0 = time.perf_counter() - elapsed
     try:
         while step < cfg.total_steps:
@@ -431,7 +442,8 @@ def _train(
     finally:
         if log_fh is not None:
             log_fh.close()
-    return TrainResult(step=step, checkpoint=last_ckpt, log=out / LOG_NAME, losses=losses, net=net, ema=ema)
+    return TrainResult(step=step, checkpoint=last_ckpt, log=out / LOG_NAME, losses=losses, net=net, ema=ema,
+                       resumed_from=ckpt, skipped=skipped)
 
 
 def _family_log_keys(model: ModelFamily) -> tuple[str, ...]:
@@ -513,7 +525,7 @@ def _checkpoint(
             train_state=state, train_config=cfg.to_dict(), data=data,
         )
         for old in list_checkpoints(out)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard_checkpoint(old)
     _barrier(d)
     return path
 

@@ -47,12 +47,12 @@ _TRAIN_OPTIONS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``nucsynth train``."""
-    p.add_argument("--family", default="semantic", help="model family: semantic (default), structure, joint")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "base", "paper"), help="network size (default: tiny)")
+    p.add_argument("--family", default=None, help="model family: semantic (default), structure, joint")
+    p.add_argument("--preset", default=None, choices=("tiny", "base", "paper"), help="network size (default: tiny)")
     p.add_argument("--data", type=Path, help="training data: a dataset store (.zarr) or any readable source folder")
     p.add_argument("--split", default="train", help="split of a store to train on (default: train; 'all' = every patch)")
     p.add_argument("--out", type=Path, required=True, help="run folder (log.csv, checkpoints/, previews/)")
-    p.add_argument("--image-size", type=int, default=64, help="training crop size in px (default: 64)")
+    p.add_argument("--image-size", type=int, default=None, help="training crop size in px (default: 64)")
     p.add_argument("--prediction", choices=("eps", "v"), default=None,
                    help="what the network predicts (default: the family's; semantic: eps as in SDM)")
     p.add_argument("--condition", choices=("layout", "structure"), default=None,
@@ -137,36 +137,78 @@ def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
     return cls.from_preset(args.preset, args.image_size, class_set, **options)
 
 
+# Model options a resumed run cannot change: option -> (attribute, where the run stored it).
+_MODEL_OPTIONS = {"--family": "family", "--preset": "preset", "--image-size": "image_size",
+                  "--prediction": "prediction", "--condition": "condition"}
+
+
+def _resume_differences(args: argparse.Namespace, saved: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
+    """What differs between the run being resumed (its checkpoint config) and this command:
+    model options given on the command line and the training data. Empty when none."""
+    diffs = []
+    stored_model = {"family": saved.get("family"), **saved.get("model", {})}
+    if stored_model.get("family") == "semantic":
+        stored_model.setdefault("condition", "layout")
+    if isinstance(stored_model.get("diffusion"), dict) and "prediction" in stored_model["diffusion"]:
+        stored_model.setdefault("prediction", stored_model["diffusion"]["prediction"])
+    for opt, attr in _MODEL_OPTIONS.items():
+        given = getattr(args, attr, None)
+        if given is not None and attr in stored_model and given != stored_model[attr]:
+            diffs.append(f"{opt} {given} (the run used {stored_model[attr]})")
+    old = saved.get("data", {})
+    for key, what in (("kind", "kind of data"), ("split", "--split"), ("count", "number of patches"),
+                      ("augment", "augmentation")):
+        if key in old and key in provenance and old[key] != provenance[key]:
+            diffs.append(f"{what} {provenance[key]} (the run used {old[key]})")
+    if old.get("kind") == "store" and provenance.get("kind") == "store":
+        made_then, made_now = old.get("store", {}).get("created"), provenance.get("store", {}).get("created")
+        if made_then and made_now and made_then != made_now:
+            diffs.append(f"--data {provenance['path']} is another store (created {made_now.get('created_at')}; "
+                         f"the run used {old.get('path')}, created {made_then.get('created_at')})")
+    elif old.get("kind") == "source" and old.get("path") and Path(old["path"]).resolve() != Path(provenance["path"]).resolve():
+        diffs.append(f"--data {provenance['path']} (the run used {old['path']})")
+    return diffs
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
     import torch
 
-    from nucsynth.checkpoint import build_family, list_checkpoints, read_config
+    from nucsynth.checkpoint import build_family, describe_skipped, latest_intact, list_checkpoints, read_config
     from nucsynth.data.dataset import SampleDataset
     from nucsynth.train import TrainConfig, train
 
     if args.data is None:
         raise ValueError("--data is required (a dataset store or a readable source folder)")
-    if args.image_size < 8:
+    if args.image_size is not None and args.image_size < 8:
         raise ValueError(f"--image-size must be at least 8 px, got {args.image_size}")
     source, provenance = _load_data(args.data, args.split)
+    provenance["augment"] = not args.no_augment
     class_set = getattr(source, "class_set", None) or source[0].layout.class_set
     if args.resume:
         runs = list_checkpoints(args.out)
         if not runs:
             raise FileNotFoundError(f"--resume: {args.out} holds no checkpoints")
-        saved = read_config(runs[-1])
-        stored = saved.get("model", {}).get("condition", "layout") if saved.get("family") == "semantic" else None
-        if args.condition is not None and args.condition != stored:
-            raise ValueError(f"--resume: the run in {args.out} was trained with condition {stored!r}; "
-                             f"--condition {args.condition} cannot change it")
-        model = build_family(saved, runs[-1])
+        ckpt, skipped = latest_intact(args.out, resume=True)
+        if ckpt is None:
+            raise ValueError(f"--resume: no intact checkpoint in {args.out}: {describe_skipped(skipped)}")
+        if skipped:
+            print(f"nucsynth train: resuming from {ckpt.name}, the newest intact checkpoint; "
+                  f"{describe_skipped(skipped)}", file=sys.stderr)
+        saved = read_config(ckpt)
+        diffs = _resume_differences(args, saved, provenance)
+        if diffs:
+            raise ValueError(f"--resume: the run in {args.out} cannot continue with other data or model settings: "
+                             + "; ".join(diffs) + " (use the run's own settings, or a new --out)")
+        model = build_family(saved, ckpt)
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.get("train", {}).items() if k in fields}, **_given(args)})
     else:
+        args.family, args.preset = args.family or "semantic", args.preset or "tiny"
+        args.image_size = args.image_size or 64
         model = _build_model(args, class_set)
         cfg = TrainConfig(**_given(args))
-    size = model.image_size or args.image_size
+    size = model.image_size or args.image_size or 64
     dataset = SampleDataset(source, maps=model.data_maps, size=size, augment=not args.no_augment, seed=cfg.seed)
     print(f"nucsynth train: {model.describe()} on {provenance['count']} patches from {args.data}, "
           f"{cfg.total_steps} steps, batch {cfg.batch_size}", file=sys.stderr)
