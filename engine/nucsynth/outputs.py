@@ -386,7 +386,7 @@ def write_text(path: str | Path, text: str, overwrite: bool, option: str = "--ou
 
 def write_json(path: str | Path, obj: Any, overwrite: bool, option: str = "--out") -> Path:
     """Write ``obj`` as indented JSON through :func:`staged`."""
-    return write_text(path, json.dumps(obj, indent=2) + "\n", overwrite, option)
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", overwrite, option)
 
 
 def _umask() -> int:

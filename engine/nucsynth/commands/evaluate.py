@@ -42,12 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=int, help="batch size (preset default)")
     d.add_argument("--crop", type=int, help="training crop in px (preset default)")
     d.add_argument("--out", type=Path, required=True, help="folder for downstream.json and downstream.md")
+    d.add_argument("--overwrite", action="store_true", help="replace downstream.json / downstream.md in --out")
     d.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     f = sub.add_parser("fidelity", help="segment synthesized samples and compare with their layouts")
     f.add_argument("store", type=Path, help="store of synthesized samples (image + the layout it was conditioned on)")
     f.add_argument("--model", type=Path, required=True, help="segmenter folder (nucsynth segmenter train)")
     f.add_argument("--split", default="all", help="split to score (default: all)")
     f.add_argument("--out", type=Path, help="folder for fidelity.json (default: print the summary only)")
+    f.add_argument("--overwrite", action="store_true", help="replace fidelity.json in --out")
     f.add_argument("--min-score", type=float, help="list the samples scoring below this value")
     f.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     q = sub.add_parser("quality", help="FID, IS and FSD of a synthetic set against a real one")
@@ -61,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--splits", type=int, default=10, help="IS splits (default 10, lowered to the set size)")
     q.add_argument("--fsd-statistics", choices=("area", "instance"), default="area", help="FSD label statistics (default: area)")
     q.add_argument("--out", type=Path, help="write the report here as JSON")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _fractions(text: str) -> list[float]:
@@ -79,6 +82,7 @@ def _downstream(args: argparse.Namespace) -> int:
     from nucsynth.evaluate.segmenter import segmenter_preset
 
     fractions = _fractions(args.fractions)
+    _check_outputs(args, [args.out / "downstream.json", args.out / "downstream.md"], {"--real": args.real, "--synthetic": args.synthetic})
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     train = load_split(args.real, args.train_split)
@@ -96,12 +100,11 @@ def _downstream(args: argparse.Namespace) -> int:
         "train_split": args.train_split, "test_split": args.test_split, "test_patches": len(test),
         "segmenter": config.to_dict(), **result,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "downstream.json", result)
+    from nucsynth import outputs
+
+    write_json(args.out / "downstream.json", result, overwrite=args.overwrite)
     md = downstream_markdown(result)
-    tmp = args.out / ".downstream.md.tmp"
-    tmp.write_text(md, encoding="utf-8")
-    tmp.replace(args.out / "downstream.md")
+    outputs.write_text(args.out / "downstream.md", md, overwrite=args.overwrite)
     print(md)
     return 0
 
@@ -111,6 +114,8 @@ def _fidelity(args: argparse.Namespace) -> int:
     from nucsynth.evaluate.downstream import fidelity
     from nucsynth.evaluate.segmenter import load_segmenter
 
+    if args.out is not None:
+        _check_outputs(args, [args.out / "fidelity.json"], {"STORE": args.store, "--model": args.model})
     device = pick_device(args.device)
     net, class_set, _ = load_segmenter(args.model, device)
     data = load_split(args.store, args.split)
@@ -124,8 +129,8 @@ def _fidelity(args: argparse.Namespace) -> int:
         res["below_min_score"] = bad
         print(f"{len(bad)} samples score below {args.min_score}: {bad}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "fidelity.json", json_safe({"store": str(args.store), "model": str(args.model), **res}))
+        write_json(args.out / "fidelity.json", json_safe({"store": str(args.store), "model": str(args.model), **res}),
+                   overwrite=args.overwrite)
     return 0
 
 
@@ -155,6 +160,8 @@ def _quality(args: argparse.Namespace) -> int:
     from nucsynth.evaluate.image_quality import image_quality_report
 
     metrics = _metrics(args.metrics)
+    if args.out is not None:
+        _check_outputs(args, [args.out], {"REAL": args.real, "SYNTH": args.synth})
     if args.batch_size < 1 or args.splits < 1:
         raise ValueError(f"--batch-size and --splits must be >= 1, got {args.batch_size} and {args.splits}")
     device = None
@@ -179,9 +186,19 @@ def _quality(args: argparse.Namespace) -> int:
     if "inception_weights" in rep:
         print(f"Inception weights {rep['inception_weights']} (sha256 {rep['inception_weights_sha256'][:12]}...) on {rep['device']}")
     if args.out is not None:
-        write_json(args.out, rep)
+        write_json(args.out, rep, overwrite=args.overwrite)
         print(f"report written to {args.out}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace, files: list[Path], inputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, result files that exist (without --overwrite), that cannot
+    be written, or that would replace an input."""
+    from nucsynth import outputs
+
+    for f in files:
+        outputs.check_not_input(f, inputs)
+        outputs.check_output(f, args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,8 +5,11 @@ Steps: read the source (:func:`nucsynth.io.read_source`, format auto-detected or
 target (``--stain``, ``--stain-target``; fitted once), cut patches
 (:func:`nucsynth.data.tiling.tile_sample`), split train/val BY SOURCE TILE (provenance
 ``"tile"``, else the source image) so that all patches of a tile land in the same split,
-and write the store. The store is built under a hidden temporary name and renamed into
-place at the end: STORE is never left half-written.
+and write the store. The store is built under a hidden temporary name and put in place
+at the end (:func:`nucsynth.outputs.staged`): STORE is never left half-written, an existing
+STORE is replaced only with ``--overwrite`` and stays until the new one is complete, a
+full disk or a read-only folder gives one line naming STORE, and the partial stores of
+killed runs on the same STORE are removed (and reported) by the next run.
 """
 
 from __future__ import annotations
@@ -101,8 +104,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--stain-target given without --stain macenko|vahadane")
     if not 0.0 <= args.val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.store.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.store} already exists; pass --overwrite to replace it")
+    from nucsynth import outputs
+
+    outputs.check_not_input(args.store, {"SOURCE": args.source}, "STORE")
+    outputs.check_output(args.store, args.overwrite, "STORE")  # also tidies what killed runs left
 
 
 def _patches(samples: list, args: argparse.Namespace, normalizer: Any, bar: Any, skipped: list[str]) -> Iterator:
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nucsynth.io.detect import detect_format, read_source
-    from nucsynth.io.store import DatasetStore, move_into_place, temporary_path
+    from nucsynth import outputs
+    from nucsynth.io.store import DatasetStore
 
     _check_args(args)
     fmt = args.fmt or detect_format(args.source)
@@ -157,21 +163,15 @@ def run(args: argparse.Namespace) -> int:
         "val_fraction": args.val_fraction, "seed": args.seed,
         "split_groups": {k: sorted(g for g, v in splits.items() if v == k) for k in ("train", "val")},
     }
-    tmp = temporary_path(args.store, "preparing")
     skipped: list[str] = []
-    try:
+    with outputs.staged(args.store, args.overwrite, purpose="preparing", option="STORE") as tmp:
         store = DatasetStore.create(tmp, class_set, attrs=attrs)
         with tqdm(total=len(samples), desc="prepare", unit="image", file=sys.stderr, disable=None) as bar:
             # tile_sample keeps the source's "tile" in every patch: the split follows the tile.
             store.append(_patches(samples, args, normalizer, bar, skipped), splits=lambda p: splits[group_of(p.provenance)])
         if len(store) == 0:
             raise ValueError(f"no patch of {args.patch_size} px could be cut with --pad none (sources are smaller)")
-        move_into_place(tmp, args.store, args.overwrite)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        store.close()
     _print_summary(DatasetStore.open(args.store), skipped)
     return 0
 
