@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
     t.add_argument("--split", default="train", help="split to train on (default: train; 'all' = every patch)")
     t.add_argument("--preset", default="tiny", choices=("tiny", "base"), help="network size (default: tiny)")
-    t.add_argument("--out", type=Path, required=True, help="model folder to write")
+    t.add_argument("--out", type=Path, required=True, help="model folder to write (never the --data store)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (the old one stays until the new one is written)")
     t.add_argument("--steps", type=int, help="training steps (preset default)")
     t.add_argument("--batch-size", type=int, help="batch size (preset default)")
     t.add_argument("--lr", type=float, help="AdamW learning rate (preset default)")
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
     e.add_argument("--split", default="val", help="split to evaluate (default: val; 'all' = every patch)")
     e.add_argument("--json", type=Path, help="also write the full results (per class, per image) as JSON")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
 
 
@@ -72,12 +75,12 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    from nucsynth.checkpoint import write_json_atomic
+def write_json(path: Path, obj: Any, overwrite: bool = False, option: str = "--out") -> None:
+    """Write JSON (NaN as null) to a result file; an existing one only with ``overwrite``
+    (:func:`nucsynth.outputs.write_json`: the old file stays until the new one is complete)."""
+    from nucsynth import outputs
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, json_safe(obj))
+    outputs.write_json(path, json_safe(obj), overwrite, option)
 
 
 def summary_line(res: dict[str, Any]) -> str:
@@ -88,6 +91,10 @@ def summary_line(res: dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from nucsynth import outputs
+
+    outputs.check_not_input(args.out, {"--data": args.data})  # never replace the training data
+    outputs.check_output(args.out, args.overwrite)  # before training, not after
     from nucsynth.device import pick_device
     from nucsynth.evaluate.segmenter import save_segmenter, segmenter_preset, train_segmenter
 
@@ -107,12 +114,17 @@ def _train(args: argparse.Namespace) -> int:
     net, log = train_segmenter(data, config, seed=args.seed, device=device, progress=progress)
     extra = {"data": str(args.data.resolve()), "split": args.split, "count": len(data), "seed": args.seed,
              "preset": args.preset, "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"]}
-    save_segmenter(args.out, net, class_set, extra)
+    save_segmenter(args.out, net, class_set, extra, overwrite=args.overwrite)
     print(f"segmenter written to {args.out} (loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f})")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from nucsynth import outputs
+
+    if args.json is not None:
+        outputs.check_not_input(args.json, {"--data": args.data, "--model": args.model}, "--json")
+        outputs.check_output(args.json, args.overwrite, "--json")  # before the work, not after
     from nucsynth.device import pick_device
     from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
     from nucsynth.metrics import evaluate_set
@@ -125,7 +137,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     res = evaluate_set([s.layout for s in samples], preds)
     print(f"{len(samples)} patches of {args.data} ({args.split}): {summary_line(res)}")
     if args.json is not None:
-        write_json(args.json, {"model": str(args.model), "data": str(args.data), "split": args.split, **res})
+        write_json(args.json, {"model": str(args.model), "data": str(args.data), "split": args.split, **res},
+                   overwrite=args.overwrite, option="--json")
     return 0
 
 

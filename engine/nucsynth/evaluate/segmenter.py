@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -350,27 +348,24 @@ def predict_layouts(
 
 
 # ---------------------------------------------------------------------------- storage
-def save_segmenter(directory: str | Path, net: HoVerSegmenter, class_set: ClassSet, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``segmenter.json`` into ``directory`` atomically."""
+def save_segmenter(directory: str | Path, net: HoVerSegmenter, class_set: ClassSet, extra: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` + ``segmenter.json`` as the folder ``directory``.
+
+    An existing ``directory`` is refused (FileExistsError) unless ``overwrite``; with it the
+    old folder stays in place until the new one is complete (:func:`nucsynth.outputs.staged`).
+    """
     from safetensors.torch import save_file
 
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    from nucsynth import outputs
+
+    with outputs.staged(directory, overwrite) as tmp:
+        tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         meta = {"format": FORMAT, "config": net.config.to_dict(), "class_set": class_set.to_dict(), "extra": extra or {}}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(directory)
 
 
 def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") -> tuple[HoVerSegmenter, ClassSet, dict[str, Any]]:
