@@ -12,7 +12,7 @@ from nucsynth.io.consep import read_consep, read_consep_file
 from nucsynth.io.monuseg import parse_aperio_xml, read_monuseg, read_monuseg_file
 from nucsynth.io.pannuke import read_pannuke
 from nucsynth.io.lizard import read_lizard, read_lizard_file
-from nucsynth.io.geojson import read_geojson, write_geojson
+from nucsynth.io.geojson import QuPathRead, SkippedObjectsWarning, read_geojson, read_qupath, write_geojson
 from nucsynth.io.folder import read_folder
 from nucsynth.io.detect import FORMATS, detect_format, read_source
 from nucsynth.io.store import DatasetStore
@@ -32,6 +32,9 @@ __all__ = [
     "read_lizard",
     "read_lizard_file",
     "read_geojson",
+    "read_qupath",
+    "QuPathRead",
+    "SkippedObjectsWarning",
     "write_geojson",
     "read_folder",
     "CONSEP7_CLASSES",
