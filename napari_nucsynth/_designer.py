@@ -14,7 +14,7 @@ from functools import wraps
 from typing import Any, Callable
 
 import numpy as np
-from qtpy.QtGui import QColor
+from qtpy.QtGui import QColor, QKeySequence
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QProgressBar,
     QScrollArea,
     QSpinBox,
     QTableWidget,
@@ -37,9 +38,12 @@ from qtpy.QtWidgets import (
 )
 
 from napari_nucsynth._bars import ClassBars
+from napari_nucsynth._jobs import Job
 from napari_nucsynth._layers import (
+    META,
     LayoutLayers,
     adopt_renamed,
+    broken_layouts,
     class_names,
     find_layout_names,
     layers_to_layout,
@@ -55,10 +59,12 @@ from nucsynth.layout import (
     relabel_contiguous,
 )
 
-__all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL", "rare_pool"]
+__all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL", "rare_pool", "proposal_summary"]
 
 CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (CONSEP_CLASSES, PANNUKE_CLASSES, LIZARD_CLASSES, NUCLEUS_CLASSES)}
 PROPOSAL = "proposal"  # suffix of the layout name of a pending proposal
+CHANGES = "changes"  # suffix of the layer that outlines what a proposal changed
+GAP = 16.0  # px between layouts placed side by side
 _POOL_SHAPES = 64  # the least number of rare-class shapes offered to DiffMix balancing
 
 
@@ -79,6 +85,32 @@ def rare_pool(layouts: list[Layout], seed: int = 0, least: int = _POOL_SHAPES) -
     return pool
 
 
+def proposal_summary(before: Layout, after: Layout) -> str:
+    """One line: nuclei per class of ``after`` with their change from ``before``."""
+    b, a = before.class_counts(), after.class_counts()
+    total = max(int(a.sum()), 1)
+    parts = []
+    for k, name in enumerate(class_names(after.class_set)):
+        if k == 0 and a[0] == 0 and b[0] == 0:
+            continue
+        d = int(a[k]) - int(b[k])
+        parts.append(f"{name} {int(a[k])} ({a[k] / total:.0%}{f', {d:+d}' if d else ''})")
+    return ", ".join(parts)
+
+
+def _balance_message(report: Any, class_set: ClassSet) -> str:
+    """What a balancing run achieved, in the dock's own terms."""
+    rare = class_set.names[report.rare_class - 1]
+    want = "as many as fit" if report.target_share is None else f"target {report.target_share:.0%}"
+    txt = (f"balanced: {rare} {report.rare_before} -> {report.rare_after} of {report.num_nuclei} nuclei "
+           f"({report.share_before:.0%} -> {report.share_after:.0%}, {want})")
+    if not report.reached:
+        txt += (f". Target not reached ({report.no_fit} nuclei had no {rare} shape small enough, "
+                f"{report.candidates} were away from the border): raise 'Balance: share picked', lower "
+                f"'Balance: border (px)', or open more layouts with small {rare} nuclei (their shapes join the pool)")
+    return txt
+
+
 def _notify_errors(method: Callable) -> Callable:
     """Run a button action; a bad input becomes a napari notification, not a traceback."""
 
@@ -94,13 +126,20 @@ def _notify_errors(method: Callable) -> Callable:
 
 
 class DesignerWidget(QWidget):
-    """The layout designer dock."""
+    """The layout designer dock.
+
+    Long actions (Random layout, Points from labels, Nuclei from points, Balance, Enlarge)
+    run in a worker (:class:`napari_nucsynth._jobs.Job`): a progress bar in napari's
+    activity panel, a busy cursor, the action buttons disabled until the result is shown.
+    ``busy`` tells whether one is running.
+    """
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.ctrl: LayoutLayers | None = None
         self.proposal: LayoutLayers | None = None
+        self.job: Job | None = None
         self._targets: dict[str, list[float]] = {}
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -114,12 +153,21 @@ class DesignerWidget(QWidget):
         root.addWidget(self._palette_group())
         root.addWidget(self._generate_group())
         root.addWidget(self._balance_group())
+        self.busy_bar = QProgressBar()
+        self.busy_bar.setRange(0, 0)  # an indeterminate bar while a worker runs
+        self.busy_bar.setVisible(False)
+        root.addWidget(self.busy_bar)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         root.addWidget(self.status)
         root.addStretch(1)
+        self._action_buttons = [self.new_btn, self.from_image_btn, self.random_btn, self.points_btn,
+                                self.nuclei_btn, self.balance_btn, self.enlarge_btn, self.keep_btn,
+                                self.discard_btn, self.undo_btn, self.redo_btn, self.repair_btn]
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._check_layers)
         self._on_layers_changed()
 
     # ------------------------------------------------------------------ building the UI
@@ -127,21 +175,42 @@ class DesignerWidget(QWidget):
         box = QGroupBox("Layout")
         form = QFormLayout(box)
         self.layout_combo = QComboBox()
+        self.layout_combo.setToolTip("the layout this dock edits (layouts opened from files appear here too)")
         self.layout_combo.currentTextChanged.connect(self._on_layout_chosen)
         form.addRow("Edit", self.layout_combo)
+        row = QHBoxLayout()
+        self.undo_btn = QPushButton("Undo")
+        self.undo_btn.setToolTip("undo the last edit of the layout: instances, classes and centroids together "
+                                 "(Ctrl+Z on any of its layers)")
+        self.undo_btn.clicked.connect(self.undo)
+        self.redo_btn = QPushButton("Redo")
+        self.redo_btn.setToolTip("redo the last undone edit (Ctrl+Shift+Z on any of the layout's layers)")
+        self.redo_btn.clicked.connect(self.redo)
+        self.repair_btn = QPushButton("Repair layers")
+        self.repair_btn.setToolTip("rebuild a layout whose instances, classes or centroids layer was deleted or "
+                                   "renamed, from the layers that are left")
+        self.repair_btn.clicked.connect(self.repair)
+        for b in (self.undo_btn, self.redo_btn, self.repair_btn):
+            row.addWidget(b)
+        form.addRow(row)
         self.name_edit = QLineEdit("design")
+        self.name_edit.setToolTip("base name of the next new layout (its layers are '<name> instances', ...)")
         form.addRow("New name", self.name_edit)
         size = QHBoxLayout()
         self.height_spin = QSpinBox(minimum=16, maximum=8192, value=256)
         self.width_spin = QSpinBox(minimum=16, maximum=8192, value=256)
+        for spin in (self.height_spin, self.width_spin):
+            spin.setToolTip("canvas size of a new layout, in pixels")
         size.addWidget(self.height_spin)
         size.addWidget(QLabel("x"))
         size.addWidget(self.width_spin)
         form.addRow("Size (H x W)", size)
         self.class_set_combo = QComboBox()
         self.class_set_combo.addItems(list(CLASS_SETS))
+        self.class_set_combo.setToolTip("the classes of a new layout (a model renders the class set it was trained on)")
         form.addRow("Class set", self.class_set_combo)
         self.new_btn = QPushButton("New empty canvas")
+        self.new_btn.setToolTip("an empty layout of the size and class set above, placed beside the open layers")
         self.new_btn.clicked.connect(self.new_canvas)
         form.addRow(self.new_btn)
         self.image_combo = QComboBox()
@@ -149,6 +218,7 @@ class DesignerWidget(QWidget):
         form.addRow("Image", self.image_combo)
         form.addRow("Its labels", self.labels_combo)
         self.from_image_btn = QPushButton("Start from image")
+        self.from_image_btn.setToolTip("a layout over the chosen image; the chosen labels layer (if any) gives its nuclei")
         self.from_image_btn.clicked.connect(self.start_from_image)
         form.addRow(self.from_image_btn)
         return box
@@ -164,10 +234,13 @@ class DesignerWidget(QWidget):
         v.addWidget(self.palette)
         row = QHBoxLayout()
         self.paint_btn = QPushButton("Paint new nucleus")
+        self.paint_btn.setToolTip("paint mode on the instances layer with a fresh id, in the selected class")
         self.paint_btn.clicked.connect(self.paint_new_nucleus)
         self.point_btn = QPushButton("Place points")
+        self.point_btn.setToolTip("add mode on the centroids layer: each click adds a nucleus (a point, no pixels yet)")
         self.point_btn.clicked.connect(self.place_points)
         self.assign_btn = QPushButton("Class -> selected points")
+        self.assign_btn.setToolTip("give the nuclei of the selected centroid points the selected class")
         self.assign_btn.clicked.connect(self.assign_selected)
         for b in (self.paint_btn, self.point_btn, self.assign_btn):
             row.addWidget(b)
@@ -181,20 +254,26 @@ class DesignerWidget(QWidget):
         box = QGroupBox("Generate")
         form = QFormLayout(box)
         self.seed_spin = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
+        self.seed_spin.setToolTip("the same seed and settings give the same layout, balance or enlargement")
         form.addRow("Seed", self.seed_spin)
         self.density_spin = QDoubleSpinBox(minimum=0.0, maximum=1000.0, value=38.5, decimals=1)
         self.density_spin.setToolTip("nuclei per 256 x 256 px (CoNSeP median: 38.5)")
         form.addRow("Density", self.density_spin)
         self.arrangement_combo = QComboBox()
         self.arrangement_combo.addItems(["clustered", "uniform"])
+        self.arrangement_combo.setToolTip("clustered: nuclei in groups as in tissue; uniform: spread evenly")
         form.addRow("Arrangement", self.arrangement_combo)
         self.random_btn = QPushButton("Random layout")
+        self.random_btn.setToolTip("a random layout with the target shares as class mix (a proposal when the "
+                                   "layout already holds nuclei)")
         self.random_btn.clicked.connect(self.random_layout)
         form.addRow(self.random_btn)
         row = QHBoxLayout()
         self.points_btn = QPushButton("Points from labels")
+        self.points_btn.setToolTip("replace every nucleus by its centroid point (a point layout)")
         self.points_btn.clicked.connect(self.points_from_labels)
         self.nuclei_btn = QPushButton("Nuclei from points")
+        self.nuclei_btn.setToolTip("grow a nucleus of its class' measured shape at every point without pixels")
         self.nuclei_btn.clicked.connect(self.nuclei_from_points)
         row.addWidget(self.points_btn)
         row.addWidget(self.nuclei_btn)
@@ -212,8 +291,16 @@ class DesignerWidget(QWidget):
         self.bars = ClassBars()
         v.addWidget(self.bars)
         form = QFormLayout()
+        self.pick_spin = QDoubleSpinBox(minimum=0.05, maximum=1.0, value=0.8, singleStep=0.05)
+        self.pick_spin.setToolTip("DiffMix: share of the abundant nuclei picked as places for rare shapes")
+        self.border_spin = QSpinBox(minimum=0, maximum=512, value=30)
+        self.border_spin.setToolTip("DiffMix: nuclei whose centre is closer than this to the edge are not replaced")
         self.fraction_spin = QDoubleSpinBox(minimum=0.0, maximum=1.0, value=0.5, singleStep=0.1)
+        self.fraction_spin.setToolTip("DiffMix: share of the nuclei that Enlarge moves")
         self.shift_spin = QSpinBox(minimum=1, maximum=20, value=3)
+        self.shift_spin.setToolTip("DiffMix: largest shift of a moved nucleus, in x and in y")
+        form.addRow("Balance: share picked", self.pick_spin)
+        form.addRow("Balance: border (px)", self.border_spin)
         form.addRow("Enlarge: share moved", self.fraction_spin)
         form.addRow("Enlarge: max shift (px)", self.shift_spin)
         v.addLayout(form)
@@ -227,24 +314,65 @@ class DesignerWidget(QWidget):
         row.addWidget(self.balance_btn)
         row.addWidget(self.enlarge_btn)
         v.addLayout(row)
+        self.proposal_label = QLabel("")
+        self.proposal_label.setWordWrap(True)
+        self.proposal_label.setToolTip("the pending proposal: nuclei per class (change from the layout); "
+                                       "its changes are outlined in yellow")
+        v.addWidget(self.proposal_label)
         row = QHBoxLayout()
         self.keep_btn = QPushButton("Keep proposal")
+        self.keep_btn.setToolTip("replace the layout by the proposal (one step: Ctrl+Z brings the layout back)")
         self.keep_btn.clicked.connect(self.keep_proposal)
         self.discard_btn = QPushButton("Discard proposal")
+        self.discard_btn.setToolTip("remove the proposal's layers; the layout stays as it is")
         self.discard_btn.clicked.connect(self.discard_proposal)
         row.addWidget(self.keep_btn)
         row.addWidget(self.discard_btn)
         v.addLayout(row)
+        self.keep_btn.setShortcut(QKeySequence("Ctrl+Return"))
         self._update_proposal_buttons()
         return box
+
+    # ------------------------------------------------------------------ jobs
+    @property
+    def busy(self) -> bool:
+        """Whether an action is running in a worker."""
+        return self.job is not None and self.job.running
+
+    def _run(self, desc: str, on_done: Callable[[Any], None], func: Callable[..., Any], *args: Any,
+             **kwargs: Any) -> None:
+        """Run ``func(*args, **kwargs)`` in a worker; ``on_done(result)`` runs on the main thread."""
+        if self.busy:
+            raise ValueError(f"wait: {self.job.desc} is still running")
+
+        def done(result: Any) -> None:
+            try:
+                on_done(result)
+            except (ValueError, FileNotFoundError) as e:
+                self._tell(str(e), error=True)
+
+        self.job = Job(desc, on_done=done, on_error=lambda e: self._tell(f"{desc} failed: {e}", error=True),
+                       on_end=lambda: self._set_busy(False))
+        self._set_busy(True)
+        self.status.setText(f"{desc}...")
+        self.job.start(func, *args, **kwargs)
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy_bar.setVisible(busy)
+        for b in self._action_buttons:
+            b.setEnabled(not busy)
+        if not busy:
+            self._update_proposal_buttons()
+            self._update_history_buttons()
+            self._check_layers()
 
     # ------------------------------------------------------------------ layers / layouts
     def _on_layers_changed(self, event: Any = None) -> None:
         if event is not None and getattr(event, "type", "") == "inserted":
             adopt_renamed(event.value)
+            event.value.events.name.connect(self._check_layers)
         if self.proposal is not None and self.proposal.instances not in self.viewer.layers:
-            self.proposal = None
-            self._update_proposal_buttons()
+            self._drop_proposal_layers()
         names = [n for n in find_layout_names(self.viewer.layers) if not n.endswith(f" {PROPOSAL}")]
         names = [n for n in names if all(f"{n} {r}" in self.viewer.layers for r in ("instances", "classes", "centroids"))]
         current = self.layout_combo.currentText()
@@ -254,13 +382,25 @@ class DesignerWidget(QWidget):
         if current in names:
             self.layout_combo.setCurrentText(current)
         self.layout_combo.blockSignals(False)
-        if self.ctrl is not None and self.ctrl.instances not in self.viewer.layers:
-            self.ctrl = None
+        if self.ctrl is not None and all(ly not in self.viewer.layers for ly in self.ctrl.layers()):
+            self._unbind()
         if self.layout_combo.currentText() and (self.ctrl is None or self.ctrl.name != self.layout_combo.currentText()):
-            self._on_layout_chosen(self.layout_combo.currentText())
-        elif not names:
+            if self.ctrl is None or not self.ctrl.problems():
+                self._on_layout_chosen(self.layout_combo.currentText())
+        elif self.ctrl is None:
             self._refresh_balance()
         self._refresh_image_combos()
+        self._check_layers()
+
+    def _check_layers(self, event: Any = None) -> None:
+        """Enable Repair when a layout lost or renamed a layer, and say what is wrong."""
+        broken = broken_layouts(self.viewer.layers)
+        if self.ctrl is not None and self.ctrl.problems():
+            broken.setdefault(self.ctrl.name, self.ctrl.problems())
+        self.repair_btn.setEnabled(bool(broken) and not self.busy)
+        if broken:
+            self.status.setText("; ".join(f"layout {n!r}: {', '.join(p)}" for n, p in broken.items())
+                                + ". Repair layers rebuilds them.")
 
     def _refresh_image_combos(self) -> None:
         from napari.layers import Image, Labels
@@ -269,7 +409,7 @@ class DesignerWidget(QWidget):
             current = combo.currentText()
             combo.clear()
             combo.addItems(extra + [ly.name for ly in self.viewer.layers if isinstance(ly, kind) and ly.ndim == 2
-                                    and role_of(ly) not in ("classes", "centroids")])
+                                    and role_of(ly) not in ("classes", "centroids", CHANGES)])
             if current:
                 combo.setCurrentText(current)
 
@@ -278,19 +418,24 @@ class DesignerWidget(QWidget):
             return
         self.bind(LayoutLayers.attach(self.viewer, name))
 
+    def _unbind(self) -> None:
+        if self.ctrl is None:
+            return
+        self.ctrl.changed.disconnect(self._on_changed)
+        self.ctrl.notice.disconnect(self._tell)
+        try:
+            self.ctrl.instances.events.paint.disconnect(self._after_stroke)
+        except (TypeError, ValueError):
+            pass
+        self.ctrl = None
+
     def bind(self, ctrl: LayoutLayers) -> None:
         """Make ``ctrl`` the layout this dock edits."""
         if self.ctrl is ctrl:
             return
-        if self.ctrl is not None:
-            self.ctrl.changed.disconnect(self._refresh_balance)
-            self.ctrl.notice.disconnect(self._tell)
-            try:
-                self.ctrl.instances.events.paint.disconnect(self._after_stroke)
-            except (TypeError, ValueError):
-                pass
+        self._unbind()
         self.ctrl = ctrl
-        ctrl.changed.connect(self._refresh_balance)
+        ctrl.changed.connect(self._on_changed)
         ctrl.notice.connect(self._tell)
         ctrl.instances.events.paint.connect(self._after_stroke)
         if self.layout_combo.currentText() != ctrl.name:
@@ -300,10 +445,25 @@ class DesignerWidget(QWidget):
             self.layout_combo.setCurrentText(ctrl.name)
             self.layout_combo.blockSignals(False)
         self._build_palette(ctrl.class_set)
-        self._refresh_balance()
+        self._on_changed()
 
-    def _show_new(self, layout: Layout, name: str) -> LayoutLayers:
-        ctrl = LayoutLayers.show(self.viewer, layout, name, selected_class=self._palette_class())
+    def _on_changed(self) -> None:
+        self._refresh_balance()
+        self._update_history_buttons()
+
+    def _update_history_buttons(self) -> None:
+        ctrl = self.ctrl
+        self.undo_btn.setEnabled(ctrl is not None and ctrl.can_undo and not self.busy)
+        self.redo_btn.setEnabled(ctrl is not None and ctrl.can_redo and not self.busy)
+
+    def _free_origin(self) -> tuple[float, float]:
+        """Where a new layout goes: right of everything in the viewer (the origin if empty)."""
+        right = [float(ly.extent.world[1][-1]) for ly in self.viewer.layers if ly.ndim >= 2]
+        return (0.0, max(right) + GAP) if right else (0.0, 0.0)
+
+    def _show_new(self, layout: Layout, name: str, translate: tuple[float, float] | None = None) -> LayoutLayers:
+        ctrl = LayoutLayers.show(self.viewer, layout, name, selected_class=self._palette_class(),
+                                 translate=self._free_origin() if translate is None else translate)
         self._on_layers_changed()
         self.bind(ctrl)
         return ctrl
@@ -311,6 +471,9 @@ class DesignerWidget(QWidget):
     def _require(self) -> LayoutLayers:
         if self.ctrl is None:
             raise ValueError("no layout to edit: make a new canvas, start from an image, or open a file")
+        problems = self.ctrl.problems()
+        if problems:
+            raise ValueError(f"layout {self.ctrl.name!r}: {', '.join(problems)}; press Repair layers first")
         return self.ctrl
 
     def _tell(self, text: str, error: bool = False) -> None:
@@ -319,6 +482,32 @@ class DesignerWidget(QWidget):
         self.status.setText(text)
         (show_error if error else show_info)(text)
 
+    # ------------------------------------------------------------------ history / repair
+    @_notify_errors
+    def undo(self) -> None:
+        """Undo the layout's last edit (as Ctrl+Z on its layers)."""
+        self._require().undo()
+
+    @_notify_errors
+    def redo(self) -> None:
+        """Redo the layout's last undone edit (as Ctrl+Shift+Z on its layers)."""
+        self._require().redo()
+
+    @_notify_errors
+    def repair(self) -> None:
+        """Rebuild every layout whose layers were deleted or renamed."""
+        broken = broken_layouts(self.viewer.layers)
+        if self.ctrl is not None and self.ctrl.problems():
+            broken.setdefault(self.ctrl.name, self.ctrl.problems())
+        if not broken:
+            raise ValueError("every layout has its three layers: nothing to repair")
+        for name in broken:
+            ctrl = LayoutLayers.recover(self.viewer, name)
+            if self.ctrl is None or self.ctrl.name == name:
+                self.ctrl = None if self.ctrl is ctrl else self.ctrl
+                self.bind(ctrl)
+        self._on_layers_changed()
+        self._tell(f"repaired {', '.join(repr(n) for n in broken)}")
     # ------------------------------------------------------------------ palette
     def _build_palette(self, cs: ClassSet) -> None:
         for b in self.palette_group.buttons():
@@ -444,9 +633,7 @@ class DesignerWidget(QWidget):
         else:
             layout = Layout.from_points(shape, np.zeros((0, 2)), np.zeros(0, np.int64), cs)
         name = self._new_name()
-        self._show_new(layout, name)
-        for layer in (self.ctrl.instances, self.ctrl.classes, self.ctrl.centroids):
-            layer.translate = image.translate[-2:]
+        self._show_new(layout, name, translate=tuple(float(t) for t in image.translate[-2:]))
         self._tell(f"layout {name!r} over {img_name!r}: {layout.num_nuclei} nuclei")
 
     def _targets_for(self, cs: ClassSet) -> list[float]:
@@ -464,41 +651,57 @@ class DesignerWidget(QWidget):
         if self.ctrl is None:
             cs = CLASS_SETS[self.class_set_combo.currentText()]
             shape = (self.height_spin.value(), self.width_spin.value())
+            before = None
         else:
-            cs, shape = self.ctrl.class_set, self.ctrl.layout().shape
+            before = self._require().layout()
+            cs, shape = before.class_set, before.shape
         targets = self._targets_for(cs)
-        shares = targets if sum(targets) > 0 else None
-        lay = random_layout(shape, class_set=cs, density=self.density_spin.value(), class_shares=shares,
-                            seed=self.seed_spin.value(), arrangement=self.arrangement_combo.currentText())
-        if self.ctrl is None:
-            self._show_new(lay, self._new_name())
-        elif self.ctrl.layout().num_nuclei == 0:
-            self.ctrl.set_layout(lay)
-        else:
-            self._propose(lay, f"random layout (seed {self.seed_spin.value()})")
-            return
-        self._tell(f"random layout: {lay.num_nuclei} nuclei")
+        seed = self.seed_spin.value()
+        kwargs = dict(class_set=cs, density=self.density_spin.value(),
+                      class_shares=targets if sum(targets) > 0 else None, seed=seed,
+                      arrangement=self.arrangement_combo.currentText())
+        name = self._new_name() if before is None else None
+
+        def done(lay: Layout) -> None:
+            if before is None:
+                self._show_new(lay, name)
+            elif before.num_nuclei == 0:
+                self._require().set_layout(lay)
+            else:
+                self._propose(before, lay, f"random layout (seed {seed})")
+                return
+            self._tell(f"random layout: {lay.num_nuclei} nuclei")
+
+        self._run("Random layout", done, random_layout, shape, **kwargs)
 
     @_notify_errors
     def points_from_labels(self) -> None:
-        """Replace every nucleus by its centroid point (a point layout)."""
+        """Replace every nucleus by its centroid point (a point layout): one undo step."""
         from nucsynth.generate.layouts import points_from_labels
 
         ctrl = self._require()
-        ctrl.set_layout(points_from_labels(ctrl.layout()))
-        self._tell("nuclei replaced by their centroid points")
+
+        def done(lay: Layout) -> None:
+            ctrl.set_layout(lay)
+            self._tell("nuclei replaced by their centroid points")
+
+        self._run("Points from labels", done, points_from_labels, ctrl.layout())
 
     @_notify_errors
     def nuclei_from_points(self) -> None:
-        """Grow a plausible nucleus (shape from its class statistics) at every point without pixels."""
+        """Grow a plausible nucleus (shape from its class statistics) at every point without
+        pixels: one undo step."""
         from nucsynth.generate.layouts import nuclei_from_points
 
         ctrl = self._require()
         before = ctrl.layout()
-        after = nuclei_from_points(before, seed=self.seed_spin.value())
-        ctrl.set_layout(after)
-        grown = int(((before.areas() == 0) & (after.areas() > 0)).sum())
-        self._tell(f"grew {grown} nuclei from points")
+
+        def done(after: Layout) -> None:
+            ctrl.set_layout(after)
+            grown = int(((before.areas() == 0) & (after.areas() > 0)).sum())
+            self._tell(f"grew {grown} nuclei from points")
+
+        self._run("Nuclei from points", done, nuclei_from_points, before, seed=self.seed_spin.value())
 
     # ------------------------------------------------------------------ balance panel
     def _refresh_balance(self) -> None:
@@ -550,75 +753,142 @@ class DesignerWidget(QWidget):
         """Nuclei per class name as the table shows them."""
         return {self.table.item(r, 0).text(): int(self.table.item(r, 1).text()) for r in range(self.table.rowCount())}
 
-    def _rare_pool(self, layout: Layout) -> list[np.ndarray]:
-        """Rare-class shapes of this and every other open layout of the same class set."""
+    def _pool_layouts(self, layout: Layout) -> list[Layout]:
+        """This layout and every other open layout of the same class set (their rare-class
+        shapes make the balancing pool)."""
         layouts = [layout]
         for name in find_layout_names(self.viewer.layers):
             if self.ctrl is not None and name != self.ctrl.name and not name.endswith(PROPOSAL):
-                other = LayoutLayers.attach(self.viewer, name).layout()
+                try:
+                    other = LayoutLayers.attach(self.viewer, name).layout()
+                except ValueError:  # a layout with a missing layer: not a pool source
+                    continue
                 if other.class_set == layout.class_set:
                     layouts.append(other)
-        return rare_pool(layouts, seed=self.seed_spin.value())
+        return layouts
 
     @_notify_errors
     def balance(self) -> None:
         """DiffMix balancing map up to the rare class' target share, as a proposal."""
-        from nucsynth.edit.balance import balance_layout_report
-
         ctrl = self._require()
         cs = ctrl.class_set
         if cs.rare is None:
             raise ValueError(f"class set {cs.name!r} names no rare class to balance")
         layout = ctrl.layout()
         target = self._targets_for(cs)[cs.rare - 1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out, report = balance_layout_report(layout, self._rare_pool(layout), target_share=target,
-                                                seed=self.seed_spin.value())
-        self._propose(out, f"balanced: {report}")
+        args = (layout, self._pool_layouts(layout), target, self.seed_spin.value(), self.border_spin.value(),
+                self.pick_spin.value())
+        self._run("Balance", lambda got: self._propose(layout, got[0], _balance_message(got[1], cs), got[2]),
+                  _balance, *args)
 
     @_notify_errors
     def enlarge(self) -> None:
         """DiffMix enlarging map (a share of nuclei shifted by a few pixels), as a proposal."""
-        from nucsynth.edit.enlarge import enlarge_layout
-
         ctrl = self._require()
-        out = enlarge_layout(ctrl.layout(), fraction=self.fraction_spin.value(), max_shift=self.shift_spin.value(),
-                             seed=self.seed_spin.value())
-        self._propose(out, "enlarged")
+        layout = ctrl.layout()
+        args = (layout, self.fraction_spin.value(), self.shift_spin.value(), self.seed_spin.value())
+        self._run("Enlarge", lambda got: self._propose(layout, got[0], "enlarged", got[1]), _enlarge, *args)
 
     # ------------------------------------------------------------------ proposals
-    def _propose(self, layout: Layout, what: str) -> None:
+    def _propose(self, before: Layout, layout: Layout, what: str, changed: np.ndarray | None = None) -> None:
+        """Show ``layout`` as the proposal beside the layout, with what changed outlined."""
         ctrl = self._require()
+        name = f"{ctrl.name} {PROPOSAL}"
+        if self.proposal is not None and self.proposal.name != name:
+            self.discard_proposal()  # one proposal at a time
         w = ctrl.instances.data.shape[1]
         ty, tx = (float(t) for t in ctrl.instances.translate[-2:])
-        name = f"{ctrl.name} {PROPOSAL}"
-        self.proposal = LayoutLayers.show(self.viewer, layout, name, translate=(ty, tx + w + 8))
+        translate = (ty, tx + w + GAP)
+        self.proposal = LayoutLayers.show(self.viewer, layout, name, translate=translate)
+        changes = f"{name} {CHANGES}"
+        if changed is not None:
+            self._show_changes(changes, changed, translate)
+        elif changes in self.viewer.layers:
+            self.viewer.layers.remove(changes)
         self._update_proposal_buttons()
-        counts = layout.class_counts()
-        self._tell(f"{what}. Proposal {name!r} beside the layout: "
-                   + ", ".join(f"{n} {c}" for n, c in zip(layout.class_set.names, counts[1:]))
-                   + ". Keep it or discard it.")
+        n_changed = "" if changed is None else f"; {_count_regions(changed)} changed regions outlined"
+        self.proposal_label.setText(f"Proposal: {proposal_summary(before, layout)}{n_changed}")
+        self._tell(f"{what}. Proposal {name!r} beside the layout. Keep it or discard it.")
+
+    def _show_changes(self, name: str, changed: np.ndarray, translate: tuple[float, float]) -> None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        data = changed.astype(np.uint8)
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = data
+            self.viewer.layers[name].translate = translate
+            return
+        layer = self.viewer.add_labels(
+            data, name=name, translate=translate, opacity=1.0,
+            colormap=DirectLabelColormap(color_dict={0: np.zeros(4), 1: np.array([1.0, 0.85, 0.0, 1.0]),
+                                                     None: np.zeros(4)}),
+            metadata={META: {"role": CHANGES, "layout": name[: -len(CHANGES) - 1]}},
+        )
+        layer.contour = 2
 
     def _update_proposal_buttons(self) -> None:
         live = self.proposal is not None and self.proposal.instances in self.viewer.layers
-        self.keep_btn.setEnabled(live)
-        self.discard_btn.setEnabled(live)
+        self.keep_btn.setEnabled(live and not self.busy)
+        self.discard_btn.setEnabled(live and not self.busy)
+        if not live:
+            self.proposal_label.setText("")
 
     @_notify_errors
     def keep_proposal(self) -> None:
-        """Replace the layout by the proposal (and remove the proposal's layers)."""
+        """Replace the layout by the proposal (one undo step) and remove the proposal's layers."""
         ctrl, prop = self._require(), self.proposal
         if prop is None:
             raise ValueError("no proposal to keep")
         ctrl.set_layout(prop.layout())
         self.discard_proposal()
-        self._tell(f"kept the proposal: {ctrl.layout().num_nuclei} nuclei in {ctrl.name!r}")
+        self._tell(f"kept the proposal: {ctrl.layout().num_nuclei} nuclei in {ctrl.name!r} (Ctrl+Z brings back the "
+                   "layout before)")
 
     @_notify_errors
     def discard_proposal(self) -> None:
         """Remove the proposal's layers."""
         if self.proposal is not None:
             prop, self.proposal = self.proposal, None
+            changes = f"{prop.name} {CHANGES}"
             prop.remove()
+            if changes in self.viewer.layers:
+                self.viewer.layers.remove(changes)
         self._update_proposal_buttons()
+
+    def _drop_proposal_layers(self) -> None:
+        """The user deleted a proposal layer: the proposal is gone."""
+        prop, self.proposal = self.proposal, None
+        for layer in prop.layers():
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        changes = f"{prop.name} {CHANGES}"
+        if changes in self.viewer.layers:
+            self.viewer.layers.remove(changes)
+        self._update_proposal_buttons()
+
+
+# ---------------------------------------------------------------------- worker bodies (no layers here)
+def _balance(layout: Layout, pool_from: list[Layout], target: float, seed: int, border: int,
+             pick: float) -> tuple[Layout, Any, np.ndarray]:
+    from nucsynth.edit.balance import balance_layout_report
+    from nucsynth.edit.region import edited_region
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report says whether the target was reached
+        out, report = balance_layout_report(layout, rare_pool(pool_from, seed=seed), target_share=target, seed=seed,
+                                            border=border, pick_fraction=pick)
+    return out, report, edited_region(layout, out, margin=0)
+
+
+def _enlarge(layout: Layout, fraction: float, max_shift: int, seed: int) -> tuple[Layout, np.ndarray]:
+    from nucsynth.edit.enlarge import enlarge_layout
+    from nucsynth.edit.region import edited_region
+
+    out = enlarge_layout(layout, fraction=fraction, max_shift=max_shift, seed=seed)
+    return out, edited_region(layout, out, margin=0)
+
+
+def _count_regions(mask: np.ndarray) -> int:
+    from scipy import ndimage as ndi
+
+    return int(ndi.label(mask)[1])

@@ -761,6 +761,8 @@ class LayoutLayers:
             self._refuse(f"layer {self.instances.name!r}: nucleus ids must be >= 0; the edit was undone")
             return
         before = self._state()
+        diff = inst != self._inst
+        touched = set(np.unique(inst[diff]).tolist()) | set(np.unique(self._inst[diff]).tolist())
         ids, cen = _pixel_stats(inst)
         present = set(ids.tolist())
         for i in self._has_pixels - present:  # erased to the last pixel: delete
@@ -769,7 +771,8 @@ class LayoutLayers:
         for i, c in zip(ids.tolist(), cen):
             if i not in self._cls:
                 self._cls[i] = self._selected_class
-            self._pos[i] = (float(c[0]), float(c[1]))
+            if i in touched or i not in self._pos:  # untouched nuclei keep their given centroid
+                self._pos[i] = (float(c[0]), float(c[1]))
         self._has_pixels = present
         self._inst = inst.astype(np.int32, copy=True)
         self._commit(before)
@@ -864,6 +867,7 @@ class LayoutLayers:
                     dy, dx = (int(v) for v in np.rint(np.subtract(p, self._pos[i])))
                     if shift_nucleus(inst, i, dy, dx):
                         inst_changed = True
+                        self._pos[i] = (self._pos[i][0] + dy, self._pos[i][1] + dx)
                     elif dy or dx:
                         refused.append(i)
                 else:
@@ -876,11 +880,8 @@ class LayoutLayers:
             self._cls.pop(i)
             self._pos.pop(i)
         if inst_changed:
-            ids, cen = _pixel_stats(inst)
-            for i, c in zip(ids.tolist(), cen):
-                self._pos[i] = (float(c[0]), float(c[1]))
             self._inst = inst
-            self._has_pixels = set(ids.tolist())
+            self._has_pixels = _ids_with_pixels(inst)
             self._show_inst()
         self._commit(before)  # a refused move puts its point back on the nucleus
         if refused:

@@ -16,7 +16,14 @@ def designer(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     widget = DesignerWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Layout designer")
+    widget.qtbot = qtbot
     return widget
+
+
+def click(designer, btn) -> None:
+    """Click, then wait for the action's worker (if any) to finish."""
+    btn.click()
+    designer.qtbot.waitUntil(lambda: not designer.busy, timeout=60000)
 
 
 def test_paint_updates_counts_and_bars(designer) -> None:
@@ -44,12 +51,12 @@ def test_paint_updates_counts_and_bars(designer) -> None:
 def test_balance_gives_a_proposal_at_the_target_share(designer) -> None:
     designer.class_set_combo.setCurrentText("consep4")
     designer.seed_spin.setValue(3)
-    designer.random_btn.click()
+    click(designer, designer.random_btn)
     ctrl = designer.ctrl
     base = ctrl.layout()
     assert base.num_nuclei > 20
     designer.set_target(1, 0.25)
-    designer.balance_btn.click()
+    click(designer, designer.balance_btn)
     prop = designer.proposal
     assert prop is not None and prop.name == f"{ctrl.name} proposal"
     assert designer.keep_btn.isEnabled()
@@ -58,24 +65,24 @@ def test_balance_gives_a_proposal_at_the_target_share(designer) -> None:
     assert share >= 0.25
     assert ctrl.layout().equals(base)  # the user's layout is untouched until "Keep"
     assert prop.instances.translate[1] > base.shape[1]  # beside, not over the layout
-    designer.keep_btn.click()
+    click(designer, designer.keep_btn)
     assert designer.proposal is None and f"{ctrl.name} proposal instances" not in designer.viewer.layers
     assert (ctrl.layout().classes == 1).mean() == pytest.approx(share)
     assert designer.counts()["other"] == int((got.classes == 1).sum())
 
 
 def test_points_and_nuclei_both_ways_and_discard(designer) -> None:
-    designer.random_btn.click()
+    click(designer, designer.random_btn)
     ctrl = designer.ctrl
     n = ctrl.layout().num_nuclei
-    designer.points_btn.click()
+    click(designer, designer.points_btn)
     assert ctrl.layout().areas().sum() == 0 and ctrl.layout().num_nuclei == n
-    designer.nuclei_btn.click()
+    click(designer, designer.nuclei_btn)
     lay = ctrl.layout()
     assert lay.num_nuclei == n and (lay.areas() > 0).all()
-    designer.enlarge_btn.click()
+    click(designer, designer.enlarge_btn)
     assert designer.proposal is not None
-    designer.discard_btn.click()
+    click(designer, designer.discard_btn)
     assert designer.proposal is None and ctrl.layout().equals(lay)
 
 
