@@ -94,3 +94,32 @@ def test_read_source_detects_monuseg(tmp_path):
     folder = make_monuseg(tmp_path / "m", [[(1, 1), (5, 1), (5, 5)]])
     (s,) = read_source(folder)
     assert s.provenance["format"] == "monuseg"
+
+
+def _xml_raw(vertex_lines: list[list[str]]) -> str:
+    """Regions given by raw <Vertex .../> attribute text (to write what a broken file holds)."""
+    out = ['<Annotations><Annotation Id="1"><Regions>']
+    for k, verts in enumerate(vertex_lines, start=1):
+        out.append(f'<Region Id="{10 * k}"><Vertices>')
+        out += [f"<Vertex {v}/>" for v in verts]
+        out.append("</Vertices></Region>")
+    out.append("</Regions></Annotation></Annotations>")
+    return "\n".join(out)
+
+
+GOOD = ['X="2" Y="2"', 'X="8" Y="2"', 'X="8" Y="8"', 'X="2" Y="8"']
+
+
+@pytest.mark.parametrize("bad", ['X="nan" Y="5"', 'X="12" Y="inf"', 'X="12"', 'X="" Y="4"', 'X="1e999" Y="3"', 'X="a" Y="3"'])
+def test_unusable_vertices_are_refused_or_skipped_never_phantom_nuclei(tmp_path, bad):
+    xml = tmp_path / "a.xml"
+    xml.write_text(_xml_raw([GOOD, ['X="12" Y="12"', bad, 'X="15" Y="15"'], [v.replace('"2"', '"20"').replace('"8"', '"26"') for v in GOOD]]))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(FormatError, match=r"a\.xml: Region 2 \(Id 20\): a vertex has a missing.*bad_vertices='skip'"):
+        read_monuseg(xml)
+    with pytest.warns(UserWarning, match=r"a\.xml: left out 1 region\(s\).*Region 2 \(Id 20\)"):
+        (s,) = read_monuseg(xml, bad_vertices="skip")
+    assert s.layout.num_nuclei == 2 and s.layout.areas().tolist() == [49, 49]  # pixel centres 2..8
+    assert s.provenance["regions"] == 2
+    with pytest.raises(ValueError, match="bad_vertices must be"):
+        parse_aperio_xml(xml, bad_vertices="drop")

@@ -15,7 +15,9 @@ centre lies inside the polygon; where polygons overlap, the later Region wins; a
 that covers no pixel centre (degenerate two-vertex "polygons" occur in the training set)
 or whose pixels were all overwritten still gets one pixel at a rounded vertex, so every
 XML gives exactly as many nuclei as it has Regions (Regions wholly off the image are
-the only exception and are reported in provenance ``"off_canvas"``).
+the only exception and are reported in provenance ``"off_canvas"``). A Region with a vertex
+whose X or Y is missing, not a number, NaN or infinite is refused, naming the Region and its
+``Id`` (``bad_vertices="skip"`` leaves such Regions out with a warning naming them instead).
 
 Classes: instance labels only, so every nucleus gets class 1 of
 :data:`nucsynth.layout.NUCLEUS_CLASSES`. Provenance ``"tile"`` is the image name (one
@@ -24,6 +26,7 @@ source image per XML), ``"microns_per_pixel"`` comes from the XML root when pres
 
 from __future__ import annotations
 
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -39,13 +42,25 @@ __all__ = ["read_monuseg", "parse_aperio_xml"]
 _IMAGE_DIRS = ("Tissue_Images", "Tissue Images", "Images", "images")
 
 
+def _vertex(y: str | None, x: str | None) -> tuple[float, float] | None:
+    """(y, x) of a Vertex, or None when a coordinate is missing, not a number, NaN or infinite."""
+    try:
+        v = (float(y), float(x))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v).all() else None
+
+
 class _RegionCollector:
     """Expat target that keeps only Region vertices (3x faster than building the tree)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.polys: list[np.ndarray] = []
-        self.current: list[tuple[str | None, str | None]] | None = None
+        self.bad: list[str] = []  # "Region <k> (Id <id>)" of regions with an unusable vertex
+        self.current: list[tuple[float, float] | None] | None = None
+        self.region_id: str | None = None
+        self.count = 0
         self.root: str | None = None
         self.mpp: float | None = None
 
@@ -61,29 +76,38 @@ class _RegionCollector:
         if tag == "Vertex":
             if self.current is None:
                 raise FormatError(self.path, "a <Vertex> appears outside any <Region>")
-            self.current.append((attrib.get("Y"), attrib.get("X")))
+            self.current.append(_vertex(attrib.get("Y"), attrib.get("X")))
         elif tag == "Region":
             self.current = []
+            self.region_id = attrib.get("Id")
+            self.count += 1
 
     def end(self, tag: str) -> None:
         if tag != "Region" or self.current is None:
             return
-        k = len(self.polys) + 1
+        k = self.count
         if not self.current:
             raise FormatError(self.path, f"Region {k} has no vertices")
-        try:
+        if any(v is None for v in self.current):
+            self.bad.append(f"Region {k} (Id {self.region_id})")
+        else:
             self.polys.append(np.asarray(self.current, dtype=np.float64))
-        except (TypeError, ValueError):
-            raise FormatError(self.path, f"Region {k}: a vertex lacks numeric X and Y attributes") from None
         self.current = None
 
     def close(self) -> list[np.ndarray]:
         return self.polys
 
 
-def parse_aperio_xml(path: str | Path) -> tuple[list[np.ndarray], float | None]:
+def parse_aperio_xml(path: str | Path, bad_vertices: str = "error") -> tuple[list[np.ndarray], float | None]:
     """Region polygons of an ImageScope XML as (n, 2) arrays of (y, x), in file order,
-    and the ``MicronsPerPixel`` of the root (None if absent)."""
+    and the ``MicronsPerPixel`` of the root (None if absent).
+
+    A Region with a vertex whose X or Y is missing, not a number, NaN or infinite is refused
+    (``bad_vertices="error"``, a FormatError naming the regions) or left out with a warning
+    naming them (``bad_vertices="skip"``): never drawn as a phantom nucleus.
+    """
+    if bad_vertices not in ("error", "skip"):
+        raise ValueError(f"bad_vertices must be 'error' or 'skip', got {bad_vertices!r}")
     path = Path(path)
     if not path.is_file():
         raise FormatError(path, "annotation file not found")
@@ -96,6 +120,13 @@ def parse_aperio_xml(path: str | Path) -> tuple[list[np.ndarray], float | None]:
         raise FormatError(path, f"malformed or truncated XML: {e}") from None
     if target.root is None:
         raise FormatError(path, "empty XML file")
+    if target.bad:
+        where = ", ".join(target.bad[:5]) + (f" and {len(target.bad) - 5} more" if len(target.bad) > 5 else "")
+        if bad_vertices == "error":
+            raise FormatError(path, f"{where}: a vertex has a missing, non-numeric, NaN or infinite X/Y; "
+                                    "fix the file or read it with bad_vertices='skip' to leave such regions out")
+        warnings.warn(f"{path}: left out {len(target.bad)} region(s) with a missing, non-numeric, NaN or "
+                      f"infinite vertex: {where}", stacklevel=2)
     return polys, target.mpp
 
 
@@ -109,12 +140,18 @@ def _image_for(xml: Path, image_dir: Path | None) -> Path:
     raise FormatError(xml, f"no image named {xml.stem}.<tif|png|...> found in {[str(d) for d in dirs]}")
 
 
-def read_monuseg_file(xml: str | Path, image: str | Path | None = None) -> Sample:
-    """One XML + its image (default: looked up in ../Tissue_Images, ../Images or beside it)."""
+def read_monuseg_file(
+    xml: str | Path, image: str | Path | None = None, bad_vertices: str = "error", source_bits: int | None = None
+) -> Sample:
+    """One XML + its image (default: looked up in ../Tissue_Images, ../Images or beside it).
+
+    ``bad_vertices``: see :func:`parse_aperio_xml`; ``source_bits``: see
+    :func:`nucsynth.io._common.read_image` (16-bit images are refused without it).
+    """
     xml = Path(xml)
-    polys, mpp = parse_aperio_xml(xml)
+    polys, mpp = parse_aperio_xml(xml, bad_vertices)
     img_path = Path(image) if image is not None else _image_for(xml, None)
-    img = read_image(img_path)
+    img = read_image(img_path, source_bits)
     inst, drawn = rasterize_polygons([[(p, [])] for p in polys], img.shape[:2])
     off = int((~drawn).sum())
     if off:  # regions entirely off the image: drop their (pixel-less) ids
@@ -125,21 +162,27 @@ def read_monuseg_file(xml: str | Path, image: str | Path | None = None) -> Sampl
         "labels": str(xml),
         "format": "monuseg",
         "tile": xml.stem,
-        "regions": len(polys),
+        "regions": len(polys),  # usable regions (see bad_vertices)
         "off_canvas": off,
         "microns_per_pixel": mpp,
     }
     return make_sample(xml, layout, img, prov)
 
 
-def read_monuseg(folder_or_xml: str | Path, image_dir: str | Path | None = None) -> list[Sample]:
+def read_monuseg(
+    folder_or_xml: str | Path,
+    image_dir: str | Path | None = None,
+    bad_vertices: str = "error",
+    source_bits: int | None = None,
+) -> list[Sample]:
     """All images of a MoNuSeg folder (``Annotations/*.xml``), or the one XML given.
 
     ``image_dir`` overrides where the images are looked up. Sorted by file name.
+    ``bad_vertices`` and ``source_bits``: see :func:`read_monuseg_file`.
     """
     p = Path(folder_or_xml)
     if p.is_file():
-        return [read_monuseg_file(p, _image_for(p, Path(image_dir)) if image_dir else None)]
+        return [read_monuseg_file(p, _image_for(p, Path(image_dir)) if image_dir else None, bad_vertices, source_bits)]
     if not p.is_dir():
         raise FileNotFoundError(f"no MoNuSeg folder or XML at {p}")
     ann = p / "Annotations" if (p / "Annotations").is_dir() else p
@@ -147,4 +190,4 @@ def read_monuseg(folder_or_xml: str | Path, image_dir: str | Path | None = None)
     if not xmls:
         raise FormatError(p, "no .xml annotation files found (expected Annotations/*.xml)")
     imdir = Path(image_dir) if image_dir else None
-    return [read_monuseg_file(x, _image_for(x, imdir)) for x in xmls]
+    return [read_monuseg_file(x, _image_for(x, imdir), bad_vertices, source_bits) for x in xmls]
