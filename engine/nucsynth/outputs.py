@@ -217,10 +217,20 @@ def leftovers_in(folder: str | Path) -> list[Leftover]:
     return sorted(found, key=lambda x: _mtime(x.path))
 
 
+def _final_output(p: Path) -> Path:
+    """The output a (possibly nested) temporary name belongs to: ``..a.x-1-ab.y-1-cd`` -> ``a``."""
+    while True:
+        m = _TEMP.match(p.name) or _LEGACY_PID.match(p.name) or _LEGACY_UUID.match(p.name)
+        if m is None:
+            return p
+        p = p.parent / m.group("name")
+
+
 def leftovers(path: str | Path) -> list[Leftover]:
-    """Temporary files/folders of the output ``path`` (same folder, hidden names), oldest first."""
+    """Temporary files/folders of the output ``path`` (same folder, hidden names; also those
+    of its temporary folders, e.g. a store being built inside a replacement), oldest first."""
     path = Path(path)
-    return [lo for lo in leftovers_in(path.parent) if lo.output == path]
+    return [lo for lo in leftovers_in(path.parent) if _final_output(lo.output) == path]
 
 
 def _mtime(p: Path) -> float:
@@ -260,7 +270,7 @@ def tidy(path: str | Path, remove: bool = True, report: Report | None = _stderr)
         if lo.alive:
             lines.append(f"{lo.path} belongs to {who}, which may still be writing {path}; left alone")
             continue
-        if lo.moved_aside and not (path.exists() or path.is_symlink()):
+        if lo.moved_aside and lo.output == path and not (path.exists() or path.is_symlink()):
             if remove:
                 os.rename(lo.path, path)
                 lines.append(f"restored {path}: a killed run ({who}) had moved it aside to {lo.path.name} "
