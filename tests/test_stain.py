@@ -226,3 +226,59 @@ def test_macenko_agrees_with_torchstain(stains):
     ref.fit(img, Io=256)
     ours = MacenkoNormalizer().fit(img).stain_matrix_
     assert _cos(ours, ref.HERef.T).min() > 0.9999
+
+
+# ---------------------------------------------------------------------- one-stain images
+def _one_stain(stain: int, seed: int = 5) -> np.ndarray:
+    """A patch showing only haematoxylin (0) or only eosin (1), rendered with KNOWN."""
+    c = _concentrations(seed=seed)
+    c[..., 1 - stain] = 0.0
+    return _render(c, KNOWN, seed=seed)
+
+
+@pytest.mark.parametrize("method, tol", [("macenko", 3.0), ("vahadane", 10.0)])
+@pytest.mark.parametrize("stain", [0, 1])
+def test_one_stain_patch_falls_back_to_target_stains_with_a_warning(method, tol, stain):
+    from nucsynth.data.stain import DegenerateStainsError, StainEstimateWarning
+
+    n = make_normalizer(method).fit(_render(_concentrations(), KNOWN))
+    src = _one_stain(stain)
+    with pytest.raises(ValueError):  # too few stained pixels, or DegenerateStainsError
+        n.estimate(src)
+    with pytest.warns(StainEstimateWarning, match="normalized with the target's stains"):
+        out = n.transform(src)
+    # Same stains as the target: the patch must come back (nearly) as it was, not off by
+    # 15-30 grey levels with one stain's noise amplified.
+    assert np.abs(out.astype(int) - src).mean() <= tol
+    with pytest.raises(DegenerateStainsError, match="degrees apart"):
+        n.transform(src, source=(np.stack([KNOWN[0], KNOWN[0]]), np.ones(2)))
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+@pytest.mark.parametrize("colour", [(200, 100, 180), (90, 60, 160)])
+def test_flat_or_one_colour_target_is_refused_with_a_reason(method, colour):
+    flat = np.full((64, 64, 3), colour, np.uint8)
+    with pytest.raises(ValueError, match=r"target image: .*one stain or one colour.*both haematoxylin and eosin"):
+        make_normalizer(method).fit(flat)
+    one = _one_stain(0)
+    with pytest.raises(ValueError, match=r"target image: .*(degrees apart|nearly absent)"):
+        make_normalizer(method).fit(one)
+
+
+@pytest.mark.realdata
+def test_real_patches_are_not_called_degenerate(consep_dir):
+    from PIL import Image
+
+    from nucsynth.data.stain import degenerate_reason
+
+    files = sorted((consep_dir / "Images").glob("*.jpg"))[::24]
+    for method in ("macenko", "vahadane"):
+        n = make_normalizer(method)
+        for f in files:
+            img = np.asarray(Image.open(f).convert("RGB"))
+            try:
+                s, m = n.estimate(img)
+            except ValueError as e:
+                assert "stained pixels" in str(e), f"{f.name}: {e}"  # near-blank patches only
+                continue
+            assert degenerate_reason(s, m) is None
