@@ -36,8 +36,11 @@ def test_demo_writes_store_and_overview(tmp_path, tiny_checkpoint, capsys):
     assert png.ndim == 3 and png.shape[2] == 3
     assert "nuclei per class" in capsys.readouterr().out
 
-    # Same seed -> same images; an existing store is not overwritten without --overwrite.
-    assert main(argv) == 2
+    # The same demo again finds its store complete; other settings are not written over it
+    # without --overwrite; same seed -> same images.
+    assert main(argv) == 0 and "already complete" in capsys.readouterr().err
+    assert main(argv + ["--seed", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
     np.testing.assert_array_equal(DatasetStore.open(out / "demo.zarr")[0].image, s.image)
 

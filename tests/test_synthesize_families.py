@@ -168,8 +168,9 @@ def test_structure_count_with_stage2_image_model(structure_ckpt, stage2_ckpt, tm
         assert s.image.shape == (SIZE, SIZE, 3) and s.layout.shape == (SIZE, SIZE)
         assert (s.layout.classes == 0).all()  # structures carry no classes
         p = s.provenance
-        assert p["index"] == i and p["structure_checkpoint"] == structure_ckpt and p["checkpoint"] == stage2_ckpt
-        assert p["seed"] == (3 if i < 2 else 5) and p["guidance"] == 0.0
+        assert p["index"] == i and p["checkpoint"] == structure_ckpt and p["image_checkpoint"] == stage2_ckpt
+        assert len(p["checkpoint_sha256"]) == len(p["image_checkpoint_sha256"]) == 64
+        assert p["seed"] == 3 + i and p["guidance"] == 0.0  # one seed per sample, not per batch
 
 
 def test_structure_errors(structure_ckpt, semantic_ckpt, stage2_ckpt, tmp_path, capsys) -> None:

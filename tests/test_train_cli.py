@@ -73,9 +73,12 @@ def test_synthesize_layout_mode_and_no_overwrite(run_dir, store_path, tmp_path, 
         assert res[i].layout.equals(src[i].layout) and res[i].image.dtype == np.uint8
         p = res[i].provenance
         assert p["mode"] == "layout" and p["steps"] == 1 and p["source_index"] == i
-        assert p["seed"] == (5 if i < 2 else 7) and p["checkpoint"] == str(list_checkpoints(run_dir)[-1])
+        assert p["seed"] == 5 + i and p["checkpoint"] == str(list_checkpoints(run_dir)[-1])  # a seed per sample
     before = res[0].image.copy()
-    assert main(args) == 2  # refuses to overwrite
+    assert main(args) == 0  # the same job again: already complete, nothing rendered
+    assert "already complete" in capsys.readouterr().err
+    other = [a if a != "5" else "6" for a in args]  # --seed 6
+    assert main(other) == 2  # refuses to overwrite a store made with other settings
     assert "already exists" in capsys.readouterr().err
     assert np.array_equal(DatasetStore.open(out)[0].image, before)
     assert main(args + ["--overwrite"]) == 0

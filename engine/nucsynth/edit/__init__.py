@@ -10,6 +10,7 @@ from nucsynth.edit.balance import (
     collect_rare_pool,
 )
 from nucsynth.edit.enlarge import enlarge_layout
+from nucsynth.edit.pool import POOL_LEAST, rare_pool
 from nucsynth.edit.region import REGION_MARGIN, edited_region
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "balance_layout_report",
     "collect_rare_pool",
     "enlarge_layout",
+    "rare_pool",
+    "POOL_LEAST",
     "edited_region",
     "REGION_MARGIN",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -220,7 +220,7 @@ class StructureModel(ModelFamily):
 
     # ------------------------------------------------------------------ sampling
     def _sample_tensor(
-        self, net: torch.nn.Module, count: int, size: tuple[int, int], steps: int, seed: int, sampler: str,
+        self, net: torch.nn.Module, count: int, size: tuple[int, int], steps: int, seed: int | Sequence[int], sampler: str,
         progress: Callable[[int, int], None] | None,
     ) -> torch.Tensor:
         from nucsynth.diffusion import sample
@@ -259,7 +259,7 @@ class StructureModel(ModelFamily):
         count: int,
         size: int | tuple[int, int] | None = None,
         steps: int = 50,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         sampler: str = "dpm++2m",
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
@@ -275,7 +275,7 @@ class StructureModel(ModelFamily):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
         hw = self._check_size(size)
-        x = self._sample_tensor(self.net, int(count), hw, int(steps), int(seed), sampler, progress)
+        x = self._sample_tensor(self.net, int(count), hw, int(steps), seed, sampler, progress)
         return x.float().cpu().numpy()
 
     def to_layout(self, structure: np.ndarray) -> Layout:
@@ -287,7 +287,7 @@ class StructureModel(ModelFamily):
         count: int,
         size: int | tuple[int, int] | None = None,
         steps: int = 50,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         progress: Callable[[int, int], None] | None = None,
         sampler: str = "dpm++2m",
     ) -> list[Layout]:
