@@ -220,3 +220,30 @@ def test_synthesize_maps_classes_by_name_and_by_class_map(tmp_path, semantic_ckp
     rc = main(["synthesize", "--checkpoint", semantic_ckpt, "--layouts", str(src), "--out", str(tmp_path / "b.zarr"),
                "--steps", "1", "--guidance", "1", "--device", "cpu", "--class-map", "neoplastic=epithelial,dead=other"])
     assert rc == 0 and seen[-1].classes.tolist() == [3, 1, 2]
+
+
+# ---------------------------------------------------------------------- evaluate
+def test_fidelity_reads_a_segmenter_of_reordered_classes_by_name(tmp_path, monkeypatch):
+    import json
+
+    from nucsynth.cli import main
+    from nucsynth.evaluate import downstream as D
+    from nucsynth.evaluate.segmenter import HoVerSegmenter, SegmenterConfig, save_segmenter
+    from nucsynth.generate.tissue import procedural_sample
+    from nucsynth.io.store import DatasetStore
+
+    truths = [procedural_sample((48, 48), seed=s, density=60, class_shares=[1, 1, 1, 1]) for s in range(2)]
+    DatasetStore.create(tmp_path / "s.zarr", CONSEP_CLASSES).append(truths)
+    model = save_segmenter(tmp_path / "seg", HoVerSegmenter(SegmenterConfig(num_classes=4, widths=(8, 16))), SORTED_CONSEP)
+
+    def perfect(net, images, cs, **kw):  # the network's output: right nuclei, ids of ITS class set
+        return [Layout(t.layout.inst_map, _in(t.layout, SORTED_CONSEP).classes, t.layout.centroids, cs)
+                for t in truths[: len(images)]]
+
+    monkeypatch.setattr(D, "predict_layouts", perfect)
+    assert main(["evaluate", "fidelity", str(tmp_path / "s.zarr"), "--model", str(model), "--out", str(tmp_path / "f"),
+                 "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "f" / "fidelity.json").read_text())
+    assert [r["score"] for r in res["per_sample"]] == [1.0, 1.0]
+    pan = save_segmenter(tmp_path / "pan", HoVerSegmenter(SegmenterConfig(num_classes=5, widths=(8, 16))), PANNUKE_CLASSES)
+    assert main(["evaluate", "fidelity", str(tmp_path / "s.zarr"), "--model", str(pan), "--device", "cpu"]) == 2

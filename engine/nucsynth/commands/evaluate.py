@@ -89,8 +89,10 @@ def _downstream(args: argparse.Namespace) -> int:
     test = load_split(args.real, args.test_split)
     synthetic = load_split(args.synthetic, args.synthetic_split) if args.synthetic is not None else None
     cs = train[0].layout.class_set
-    if synthetic is not None and synthetic[0].layout.class_set != cs:
-        raise ValueError(f"the synthetic store uses class set {synthetic[0].layout.class_set.name!r}, the real one {cs.name!r}")
+    if synthetic is not None:  # classes matched by name (any order); other classes refused before training
+        from nucsynth.layout import Sample
+
+        synthetic = [Sample(s.layout.to_class_set(cs), s.image, s.provenance) for s in synthetic]
     config = segmenter_preset(args.preset, cs.num_classes, steps=args.steps, batch_size=args.batch_size, crop=args.crop)
     device = pick_device(args.device)
     result = downstream(train, test, config, synthetic, fractions, list(range(args.seeds)), device=str(device),
@@ -119,8 +121,11 @@ def _fidelity(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     net, class_set, _ = load_segmenter(args.model, device)
     data = load_split(args.store, args.split)
-    if data[0].layout.class_set.num_classes != class_set.num_classes:
-        raise ValueError(f"store {args.store} has {data[0].layout.class_set.num_classes} classes, the segmenter {class_set.num_classes}")
+    from nucsynth.layout import Sample
+
+    # Predictions carry the segmenter's class ids, so the truth is brought into the segmenter's
+    # class set by name (any order; other classes are refused here, before any prediction).
+    data = [Sample(s.layout.to_class_set(class_set), s.image, s.provenance) for s in data]
     res: dict[str, Any] = fidelity(data, net, device=str(device))
     s = res["summary"]
     print(f"{res['n_samples']} samples: score {s['score']:.4f}  PQ {s['pq']:.4f}  F_d {s['f_d']:.4f}  F1 mean {s['f1_mean']:.4f}")
