@@ -1,0 +1,231 @@
+"""The synthesis engine (nucsynth.synthesize): one sampling contract over every family, the
+same pixels from the CLI, the engine and the demo, per-sample seeds (a sample re-rendered
+alone from its provenance equals its pixels in the store), resume, cancel, and guidance
+defaults that fit the model. Tiny untrained checkpoints (32 px) saved by the tests."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from nucsynth.checkpoint import save_checkpoint
+from nucsynth.cli import main
+from nucsynth.generate.layouts import random_layout
+from nucsynth.io.store import DatasetStore
+from nucsynth.layout import CONSEP_CLASSES, Sample
+from nucsynth.models.joint import JointModel
+from nucsynth.models.semantic import SemanticModel
+from nucsynth.models.structure import StructureModel
+from nucsynth.synthesize import (
+    SynthesisJob,
+    SynthesisOptions,
+    clear_synthesizers,
+    get_synthesizer,
+    learned_null,
+    partial_path,
+    plan_items,
+    rerender,
+)
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _noisy(model):
+    """A network with random (not zero-initialized) output layers, so samples differ visibly."""
+    torch.manual_seed(0)
+    net = model.build_network()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net
+
+
+def _save(root, name, model, cond_drop=0.2):
+    return str(save_checkpoint(root / name, model, _noisy(model), step=1,
+                               train_config={"steps": 1, "cond_drop": cond_drop}))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "semantic": _save(root, "semantic", SemanticModel.from_preset("tiny", SIZE, CONSEP_CLASSES)),
+        "joint": _save(root, "joint", JointModel.from_preset("tiny", SIZE, CONSEP_CLASSES)),
+        "structure": _save(root, "structure", StructureModel.from_preset("tiny", SIZE)),
+        "stage2": _save(root, "stage2", SemanticModel.from_preset("tiny", SIZE, CONSEP_CLASSES, condition="structure")),
+        "nonull": _save(root, "nonull", SemanticModel.from_preset("tiny", SIZE, CONSEP_CLASSES), cond_drop=0.0),
+    }
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A store of 5 generated layouts with random images (the source of semantic / joint jobs)."""
+    path = tmp_path_factory.mktemp("src") / "src.zarr"
+    rng = np.random.default_rng(0)
+    samples = [Sample(random_layout((SIZE, SIZE), CONSEP_CLASSES, density=300, seed=i),
+                      rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), {"tile": f"t{i}"}) for i in range(5)]
+    store = DatasetStore.create(path, CONSEP_CLASSES)
+    store.append(samples)
+    store.close()
+    return path
+
+
+def _cli(ckpt, out, *extra):
+    return ["synthesize", "--checkpoint", ckpt, "--steps", "2", "--seed", "3", "--batch-size", "2", "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def _images(path):
+    return np.stack([s.image for s in DatasetStore.open(path)])
+
+
+# ---------------------------------------------------------------------- the contract
+@pytest.mark.parametrize("family", ["semantic", "joint"])
+def test_every_rendering_family_has_one_sampling_contract(family, ckpts, source):
+    """layouts in, Samples out; steps / guidance / seed / sampler / progress by keyword, a
+    seed per layout; progress once per solver step."""
+    synth = get_synthesizer(ckpts[family], "cpu")
+    params = inspect.signature(synth.model.sample).parameters
+    assert {"steps", "guidance", "seed", "sampler", "progress"} <= set(params)
+    lays = [s.layout for s in DatasetStore.open(source)[:2]]
+    if family == "joint":
+        from nucsynth.generate.layouts import points_from_labels
+
+        lays = [points_from_labels(l) for l in lays]
+    calls = []
+    out = synth.model.sample(lays, steps=2, guidance=0.5, seed=[7, 9], sampler="ddim",
+                             progress=lambda i, n: calls.append((i, n)))
+    assert all(isinstance(s, Sample) for s in out) and [s.provenance["seed"] for s in out] == [7, 9]
+    assert calls == [(1, 2), (2, 2)]
+
+
+# ---------------------------------------------------------------------- identical everywhere
+def test_semantic_cli_engine_and_demo_give_the_same_pixels(ckpts, tmp_path, source):
+    ckpt = ckpts["semantic"]
+    assert main(["demo", "--out", str(tmp_path / "demo"), "-n", "3", "--steps", "2", "--seed", "3", "--batch-size", "2",
+                 "--checkpoint", ckpt, "--device", "cpu"]) == 0
+    demo_store = tmp_path / "demo" / "demo.zarr"
+    assert main(_cli(ckpt, tmp_path / "cli.zarr", "--layouts", str(demo_store))) == 0
+    synth = get_synthesizer(ckpt, "cpu")
+    opts = synth.resolve(SynthesisOptions(steps=2, seed=3, batch_size=3))
+    engine = synth.render(plan_items(synth, opts, list(DatasetStore.open(demo_store))), opts)
+    np.testing.assert_array_equal(_images(demo_store), _images(tmp_path / "cli.zarr"))
+    np.testing.assert_array_equal(_images(demo_store), np.stack([s.image for s in engine]))
+
+
+def test_joint_cli_and_engine_give_the_same_pixels(ckpts, tmp_path, source):
+    from nucsynth.io.sources import read_layout_source
+
+    assert main(_cli(ckpts["joint"], tmp_path / "j.zarr", "--layouts", str(source), "--limit", "3")) == 0
+    synth = get_synthesizer(ckpts["joint"], "cpu")
+    opts = synth.resolve(SynthesisOptions(steps=2, seed=3))
+    src = read_layout_source(source, limit=3, points=True)
+    engine = synth.render(plan_items(synth, opts, src), opts)
+    stored = list(DatasetStore.open(tmp_path / "j.zarr"))
+    for a, b in zip(stored, engine):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.layout.inst_map, b.layout.inst_map)
+
+
+def test_structure_cli_and_engine_give_the_same_pixels(ckpts, tmp_path):
+    assert main(_cli(ckpts["structure"], tmp_path / "s.zarr", "--count", "3", "--image-checkpoint", ckpts["stage2"])) == 0
+    synth = get_synthesizer(ckpts["structure"], "cpu", image_checkpoint=ckpts["stage2"])
+    opts = synth.resolve(SynthesisOptions(steps=2, seed=3, batch_size=3))
+    engine = synth.render(plan_items(synth, opts, count=3), opts)
+    np.testing.assert_array_equal(_images(tmp_path / "s.zarr"), np.stack([s.image for s in engine]))
+
+
+# ---------------------------------------------------------------------- provenance
+@pytest.mark.parametrize("case", ["layout", "balance", "joint", "structure"])
+def test_one_sample_rerendered_from_its_provenance_equals_the_store(case, ckpts, tmp_path, source):
+    out = tmp_path / f"{case}.zarr"
+    if case == "layout":
+        args = _cli(ckpts["semantic"], out, "--layouts", str(source), "--limit", "4")
+    elif case == "balance":
+        args = _cli(ckpts["semantic"], out, "--layouts", str(source), "--limit", "4", "--mode", "balance", "--border", "2")
+    elif case == "joint":
+        args = _cli(ckpts["joint"], out, "--layouts", str(source), "--limit", "4")
+    else:
+        args = _cli(ckpts["structure"], out, "--count", "4", "--image-checkpoint", ckpts["stage2"])
+    assert main(args) == 0
+    stored = DatasetStore.open(out)[3]  # the second sample of the second batch
+    p = stored.provenance
+    assert len(p["checkpoint_sha256"]) == 64 and p["seed"] == 6 and p["options"]["steps"] == 2
+    if case == "balance":
+        assert p["strength"] == 0.55 and p["options"]["mode"] == "balance"
+    clear_synthesizers()  # loaded afresh, as another process would
+    again = rerender(stored)
+    np.testing.assert_array_equal(again.image, stored.image)
+    np.testing.assert_array_equal(again.layout.inst_map, stored.layout.inst_map)
+
+
+def test_rerender_refuses_another_checkpoint(ckpts, tmp_path, source):
+    out = tmp_path / "a.zarr"
+    assert main(_cli(ckpts["semantic"], out, "--layouts", str(source), "--limit", "1")) == 0
+    with pytest.raises(ValueError, match="content hash"):
+        rerender(DatasetStore.open(out)[0], checkpoint=ckpts["nonull"])
+
+
+# ---------------------------------------------------------------------- resume and cancel
+def test_cancel_then_resume_equals_an_uninterrupted_job(ckpts, tmp_path, source):
+    synth = get_synthesizer(ckpts["semantic"], "cpu")
+    opts = synth.resolve(SynthesisOptions(steps=2, seed=1, batch_size=2))
+    items = plan_items(synth, opts, list(DatasetStore.open(source)))
+    full = SynthesisJob(synth, items, opts, tmp_path / "full.zarr").run()
+    assert full.written == 5 and not full.cancelled
+    stop = threading.Event()
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        if p.done >= 2 and p.step == 1:
+            stop.set()  # cancel inside the second batch
+
+    out = tmp_path / "out.zarr"
+    first = SynthesisJob(synth, items, opts, out).run(progress, stop)
+    assert first.cancelled and first.total == 2 and not out.exists() and partial_path(out).exists()
+    assert any(p.steps == 2 for p in seen)  # progress per solver step, not per batch
+    second = SynthesisJob(synth, items, opts, out).run()
+    assert second.skipped == 2 and second.written == 3 and not partial_path(out).exists()
+    np.testing.assert_array_equal(_images(out), _images(tmp_path / "full.zarr"))
+    with pytest.raises(ValueError, match="--seed"):  # a re-run with other settings is refused, naming them
+        stop.clear()
+        other = synth.resolve(SynthesisOptions(steps=2, seed=2, batch_size=2))
+        job = SynthesisJob(synth, plan_items(synth, other, list(DatasetStore.open(source))), other, tmp_path / "p.zarr")
+        job.run(lambda p: stop.set() if p.step else None, stop)  # leaves a partial store
+        SynthesisJob(synth, items, opts, tmp_path / "p.zarr").run()
+
+
+# ---------------------------------------------------------------------- guidance defaults
+def test_guidance_default_follows_what_the_model_learned(ckpts, tmp_path, source, capsys):
+    assert learned_null({"train": {"steps": 10, "cond_drop": 0.0}}) is False
+    assert learned_null({"train": {"steps": 10, "cond_drop": 0.0, "finetune_steps": 5, "finetune_cond_drop": 0.2}})
+    assert learned_null({"train": {}}) is None
+    assert get_synthesizer(ckpts["semantic"], "cpu").resolve(SynthesisOptions()).guidance == 0.5
+    nonull = get_synthesizer(ckpts["nonull"], "cpu")
+    assert nonull.resolve(SynthesisOptions()).guidance == 0.0
+    with pytest.raises(ValueError, match="null condition"):
+        nonull.resolve(SynthesisOptions(guidance=0.5))
+    assert main(_cli(ckpts["nonull"], tmp_path / "g.zarr", "--layouts", str(source), "--guidance", "1")) == 2
+    assert "null condition" in capsys.readouterr().err
+
+
+def test_options_a_family_cannot_use_are_refused(ckpts):
+    with pytest.raises(ValueError, match="--mode"):
+        get_synthesizer(ckpts["joint"], "cpu").resolve(SynthesisOptions(mode="balance"))
+    with pytest.raises(ValueError, match="--prompt"):
+        get_synthesizer(ckpts["semantic"], "cpu").resolve(SynthesisOptions(prompt="x"))
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        SynthesisOptions(steps=0)
