@@ -268,6 +268,7 @@ class SemanticModel(ModelFamily):
         its own generator, so it comes out the same alone or in any batch."""
         from nucsynth.diffusion import guided, sample
         from nucsynth.diffusion.noise import exact_rows, generators, row_seeds
+        from nucsynth.diffusion.windows import windowed
 
         dev = next(net.parameters()).device
         cond = cond.to(dev)
@@ -280,6 +281,8 @@ class SemanticModel(ModelFamily):
                 return net(x, t, c).float()
 
         gen = generators(row_seeds(seed, cond.shape[0]), dev)
+        # a canvas larger than the training size is denoised as overlapping windows of it
+        net_fn = windowed(net_fn, self.config.image_size)
         model_fn = guided(exact_rows(net_fn, dev), cond, torch.zeros_like(cond[:1]), float(guidance), eps_channels=3)
         shape = (cond.shape[0], 3, cond.shape[2], cond.shape[3])
         try:
