@@ -200,3 +200,21 @@ def test_pannuke_huge_id_within_a_few_mb(tmp_path):
         (s, _, _), peak = _peak_mb(lambda: read_pannuke(f))
     assert peak < 4, f"{peak:.1f} MB"
     assert s.layout.class_set == PANNUKE_CLASSES and sorted(s.layout.classes.tolist()) == [1, 2, 3, 5]
+
+
+def test_prepare_16bit_folder_refused_in_one_line_then_converted_with_source_bits(tmp_path, capsys):
+    from nucsynth.cli import main
+    from nucsynth.io.store import DatasetStore
+
+    inst = np.zeros((16, 16), np.uint16)
+    inst[2:6, 2:6] = 3
+    f = _folder(tmp_path / "f", inst, IMG12)
+    out = tmp_path / "s.zarr"
+    assert main(["prepare", str(f), str(out), "--patch-size", "16", "--val-fraction", "0"]) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert line.startswith("nucsynth prepare: error: ") and "a_0.tif: image is 16-bit" in line and "--source-bits" in line
+    assert not out.exists()
+    assert main(["prepare", str(f), str(out), "--patch-size", "16", "--val-fraction", "0", "--source-bits", "12"]) == 0
+    assert DatasetStore.open(out)[0].image.max() > 200
+    assert main(["prepare", str(f), str(tmp_path / "t.zarr"), "--bad-vertices", "skip"]) == 2
+    assert "--bad-vertices applies to monuseg sources, not 'folder'" in capsys.readouterr().err

@@ -46,7 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     p.add_argument("--merge-classes", choices=sorted(_MERGES), default=None,
                    help="CoNSeP-style class merge: auto (7->4 when the labels hold 7 classes), none, consep7, glysac")
+    p.add_argument("--source-bits", type=int, default=None,
+                   help="true bit depth (9-16) of 16-bit source images, scaled to 8 bits; without it they are refused")
+    p.add_argument("--bad-vertices", choices=("error", "skip"), default=None,
+                   help="MoNuSeg: Regions with a missing/NaN/infinite vertex are refused (error, default) or left out (skip)")
+    p.add_argument("--annotations", choices=("skip", "nuclei"), default=None,
+                   help="GeoJSON: QuPath annotations are regions and skipped (default), or nuclei drawn by hand")
     p.add_argument("--overwrite", action="store_true", help="replace an existing STORE")
+
+
+# Reader options of the command line: option -> (reader keyword, formats that take it).
+_FORMAT_OPTIONS = {
+    "--source-bits": ("source_bits", ("consep", "monuseg", "folder", "geojson")),
+    "--bad-vertices": ("bad_vertices", ("monuseg",)),
+    "--annotations": ("annotations", ("geojson",)),
+}
 
 
 def split_groups(groups: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -88,6 +102,12 @@ def _reader_options(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
         if fmt != "geojson":
             raise ValueError(f"--image applies to GeoJSON sources, not {fmt!r}")
         opts["image"] = args.image
+    for option, (key, formats) in _FORMAT_OPTIONS.items():
+        value = getattr(args, key, None)
+        if value is not None:
+            if fmt not in formats:
+                raise ValueError(f"{option} applies to {', '.join(formats)} sources, not {fmt!r}")
+            opts[key] = value
     return opts
 
 

@@ -38,7 +38,8 @@ def _high_depth_to_uint8(path: Path, arr: np.ndarray, source_bits: int | None) -
         raise FormatError(
             path,
             f"image is {arr.dtype.itemsize * 8}-bit (largest value {top}); images must be 8-bit RGB. Convert it, or "
-            "read it with source_bits=N (its true bit depth, e.g. 12 or 16) to scale 0..2^N-1 onto 0..255",
+            "read it with source_bits=N (nucsynth prepare --source-bits N), N its true bit depth (e.g. 12 or 16), "
+            "to scale 0..2^N-1 onto 0..255",
         )
     if not 9 <= int(source_bits) <= 16:
         raise ValueError(f"source_bits must be the true bit depth of a 16-bit image, 9..16; got {source_bits}")

@@ -330,7 +330,8 @@ def read_qupath(
     nuclei, regions, count = _collect(path, feats, off, annotations)
     if not nuclei and count["skipped annotations"]:
         raise FormatError(path, f"holds {count['skipped annotations']} annotations and no detections, cells or points; "
-                                "if the annotations are nuclei drawn by hand, read them with annotations='nuclei'")
+                                "if the annotations are nuclei drawn by hand, read them with annotations='nuclei' "
+                                "(nucsynth prepare --annotations nuclei)")
     cs, classes = _resolve_classes(path, doc, [c for _, _, c in nuclei], class_set)
     img = None
     if image is not None:

@@ -124,7 +124,8 @@ def parse_aperio_xml(path: str | Path, bad_vertices: str = "error") -> tuple[lis
         where = ", ".join(target.bad[:5]) + (f" and {len(target.bad) - 5} more" if len(target.bad) > 5 else "")
         if bad_vertices == "error":
             raise FormatError(path, f"{where}: a vertex has a missing, non-numeric, NaN or infinite X/Y; "
-                                    "fix the file or read it with bad_vertices='skip' to leave such regions out")
+                                    "fix the file or read it with bad_vertices='skip' (nucsynth prepare --bad-vertices skip) "
+                                    "to leave such regions out")
         warnings.warn(f"{path}: left out {len(target.bad)} region(s) with a missing, non-numeric, NaN or "
                       f"infinite vertex: {where}", stacklevel=2)
     return polys, target.mpp
