@@ -247,3 +247,20 @@ def test_fidelity_reads_a_segmenter_of_reordered_classes_by_name(tmp_path, monke
     assert [r["score"] for r in res["per_sample"]] == [1.0, 1.0]
     pan = save_segmenter(tmp_path / "pan", HoVerSegmenter(SegmenterConfig(num_classes=5, widths=(8, 16))), PANNUKE_CLASSES)
     assert main(["evaluate", "fidelity", str(tmp_path / "s.zarr"), "--model", str(pan), "--device", "cpu"]) == 2
+
+
+def test_joint_points_of_a_reordered_class_set_mark_each_nucleus_in_its_own_class(monkeypatch):
+    pytest.importorskip("torch")
+    from nucsynth.models.joint import JointModel
+
+    model = JointModel.from_preset("tiny", 64, CONSEP_CLASSES)
+    model.net = model.build_network()
+    seen = []
+    monkeypatch.setattr(JointModel, "_sample_maps", lambda self, net, points, texts, *a: seen.append((points, texts)))
+    truth, _ = _truth_and_pred()
+    pts = Layout.from_points(truth.shape, truth.centroids, truth.classes, CONSEP_CLASSES)
+    model.sample_maps([pts], steps=1)
+    model.sample_maps([_in(pts, SORTED_CONSEP)], steps=1)
+    assert (seen[0][0] == seen[1][0]).all() and seen[0][1] == seen[1][1]
+    with pytest.raises(ClassSetMismatch, match="neoplastic"):
+        model.sample_maps([Layout(pts.inst_map, pts.classes, pts.centroids, PANNUKE_CLASSES)], steps=1)

@@ -461,13 +461,8 @@ class JointModel(ModelFamily):
         f = 2 ** (len(self.config.network["channel_mult"]) - 1) * self.config.point_stride
         if shape[0] % f or shape[1] % f:
             raise ValueError(f"canvas size {shape} must be a multiple of {f} on both sides for this network")
-        for i, lay in enumerate(lays):
-            if lay.class_set.num_classes != self.class_set.num_classes:
-                raise ValueError(
-                    f"point layout {i} uses class set {lay.class_set.name!r} ({lay.class_set.num_classes} classes); "
-                    f"this model was trained on {self.class_set.name!r} ({self.class_set.num_classes} classes)"
-                )
-        return lays
+        # Classes are matched by name (any order); a set naming other classes is refused.
+        return [lay.to_class_set(self.class_set) for lay in lays]
 
     def _prompts(self, prompts: str | Sequence[str] | None, lays: list[Layout]) -> list[str]:
         from nucsynth.nets.text import prompt_from_layout
