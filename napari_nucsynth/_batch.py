@@ -22,7 +22,8 @@ from typing import Any, Generator, Sequence
 
 import numpy as np
 
-from napari_nucsynth._render import SAMPLERS, engine_steps, load_model
+from napari_nucsynth._jobs import engine_steps
+from napari_nucsynth._render import SAMPLERS, load_model
 from nucsynth.layout import Layout, Sample
 
 __all__ = ["BatchParams", "batch_steps", "BatchWidget", "SOURCES", "BATCH_MODES"]

@@ -40,13 +40,13 @@ from qtpy.QtWidgets import (
 from napari_nucsynth._bars import ClassBars
 from napari_nucsynth._jobs import Job
 from napari_nucsynth._layers import (
-    META,
     LayoutLayers,
     adopt_renamed,
     broken_layouts,
     class_names,
     find_layout_names,
     layers_to_layout,
+    remove_layers,
     role_of,
 )
 from nucsynth.layout import (
@@ -63,7 +63,6 @@ __all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL", "rare_pool", "proposal_su
 
 CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (CONSEP_CLASSES, PANNUKE_CLASSES, LIZARD_CLASSES, NUCLEUS_CLASSES)}
 PROPOSAL = "proposal"  # suffix of the layout name of a pending proposal
-CHANGES = "changes"  # suffix of the layer that outlines what a proposal changed
 GAP = 16.0  # px between layouts placed side by side
 _POOL_SHAPES = 64  # the least number of rare-class shapes offered to DiffMix balancing
 
@@ -409,7 +408,7 @@ class DesignerWidget(QWidget):
             current = combo.currentText()
             combo.clear()
             combo.addItems(extra + [ly.name for ly in self.viewer.layers if isinstance(ly, kind) and ly.ndim == 2
-                                    and role_of(ly) not in ("classes", "centroids", CHANGES)])
+                                    and role_of(ly) not in ("classes", "centroids")])
             if current:
                 combo.setCurrentText(current)
 
@@ -791,40 +790,28 @@ class DesignerWidget(QWidget):
 
     # ------------------------------------------------------------------ proposals
     def _propose(self, before: Layout, layout: Layout, what: str, changed: np.ndarray | None = None) -> None:
-        """Show ``layout`` as the proposal beside the layout, with what changed outlined."""
+        """Show ``layout`` as the proposal beside the layout, the nuclei it changed outlined
+        in yellow. The proposal's layers are made once per layout and reused (hidden when
+        kept or discarded): making napari layers is the slowest step of a proposal."""
         ctrl = self._require()
         name = f"{ctrl.name} {PROPOSAL}"
         if self.proposal is not None and self.proposal.name != name:
             self.discard_proposal()  # one proposal at a time
         w = ctrl.instances.data.shape[1]
         ty, tx = (float(t) for t in ctrl.instances.translate[-2:])
-        translate = (ty, tx + w + GAP)
-        self.proposal = LayoutLayers.show(self.viewer, layout, name, translate=translate)
-        changes = f"{name} {CHANGES}"
+        self.proposal = LayoutLayers.show(self.viewer, layout, name, translate=(ty, tx + w + GAP))
+        n_changed = 0
         if changed is not None:
-            self._show_changes(changes, changed, translate)
-        elif changes in self.viewer.layers:
-            self.viewer.layers.remove(changes)
+            ids = np.unique(layout.inst_map[changed])
+            n_changed = int((ids > 0).sum())
+            self.proposal.instances.colormap = _outline_colormap(ids[ids > 0])
+        for layer in self.proposal.layers():
+            if not layer.visible:
+                layer.visible = True
         self._update_proposal_buttons()
-        n_changed = "" if changed is None else f"; {_count_regions(changed)} changed regions outlined"
-        self.proposal_label.setText(f"Proposal: {proposal_summary(before, layout)}{n_changed}")
+        note = "" if changed is None else f"; {n_changed} changed nuclei outlined in yellow"
+        self.proposal_label.setText(f"Proposal: {proposal_summary(before, layout)}{note}")
         self._tell(f"{what}. Proposal {name!r} beside the layout. Keep it or discard it.")
-
-    def _show_changes(self, name: str, changed: np.ndarray, translate: tuple[float, float]) -> None:
-        from napari.utils.colormaps import DirectLabelColormap
-
-        data = changed.astype(np.uint8)
-        if name in self.viewer.layers:
-            self.viewer.layers[name].data = data
-            self.viewer.layers[name].translate = translate
-            return
-        layer = self.viewer.add_labels(
-            data, name=name, translate=translate, opacity=1.0,
-            colormap=DirectLabelColormap(color_dict={0: np.zeros(4), 1: np.array([1.0, 0.85, 0.0, 1.0]),
-                                                     None: np.zeros(4)}),
-            metadata={META: {"role": CHANGES, "layout": name[: -len(CHANGES) - 1]}},
-        )
-        layer.contour = 2
 
     def _update_proposal_buttons(self) -> None:
         live = self.proposal is not None and self.proposal.instances in self.viewer.layers
@@ -849,21 +836,14 @@ class DesignerWidget(QWidget):
         """Remove the proposal's layers."""
         if self.proposal is not None:
             prop, self.proposal = self.proposal, None
-            changes = f"{prop.name} {CHANGES}"
-            prop.remove()
-            if changes in self.viewer.layers:
-                self.viewer.layers.remove(changes)
+            for layer in prop.layers():  # hidden, and reused by the next proposal
+                layer.visible = False
         self._update_proposal_buttons()
 
     def _drop_proposal_layers(self) -> None:
         """The user deleted a proposal layer: the proposal is gone."""
         prop, self.proposal = self.proposal, None
-        for layer in prop.layers():
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
-        changes = f"{prop.name} {CHANGES}"
-        if changes in self.viewer.layers:
-            self.viewer.layers.remove(changes)
+        remove_layers(self.viewer, prop.layers())
         self._update_proposal_buttons()
 
 
@@ -888,7 +868,10 @@ def _enlarge(layout: Layout, fraction: float, max_shift: int, seed: int) -> tupl
     return out, edited_region(layout, out, margin=0)
 
 
-def _count_regions(mask: np.ndarray) -> int:
-    from scipy import ndimage as ndi
+def _outline_colormap(changed_ids: np.ndarray) -> Any:
+    """Instance outlines: white, the ``changed_ids`` yellow."""
+    from napari.utils.colormaps import DirectLabelColormap
 
-    return int(ndi.label(mask)[1])
+    colours: dict[int | None, Any] = {0: np.zeros(4), None: np.ones(4)}
+    colours.update({int(i): np.array([1.0, 0.85, 0.0, 1.0]) for i in changed_ids})
+    return DirectLabelColormap(color_dict=colours)

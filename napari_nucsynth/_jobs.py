@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from typing import Any, Callable, Generator
 
 __all__ = ["Cancelled", "engine_steps", "Job", "run_now"]
@@ -164,6 +165,7 @@ class Job:
         self.worker: Any = None
         self.pbar: Any = None
         self.cancelled = False
+        self.returned_at: float | None = None
         self._ended = False
 
     @property
@@ -214,6 +216,7 @@ class Job:
     def _returned(self, result: Any) -> None:
         if self._ended or self.cancel_event.is_set():
             return
+        self.returned_at = time.perf_counter()  # the work is done; showing the result starts
         self._on_done(result)
 
     def _errored(self, exc: BaseException) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "adopt_renamed",
     "find_layout_names",
     "broken_layouts",
+    "remove_layers",
     "LayoutLayers",
 ]
 
@@ -383,6 +384,25 @@ def _lookup(inst: np.ndarray, table: dict[int, int]) -> np.ndarray:
     return vals[inv].reshape(inst.shape)
 
 
+def remove_layers(viewer: Any, layers: Iterable[Any]) -> None:
+    """Remove ``layers`` (objects or names) from ``viewer``, those still in it.
+
+    napari runs a full garbage collection after each removed layer, which takes about a
+    second in a process holding torch; the objects that exist now are frozen meanwhile
+    (``gc.freeze``), so each of those collections only sees new objects, and Python's own
+    collector frees the removed layers' leftovers later.
+    """
+    import gc
+
+    gc.freeze()
+    try:
+        for layer in list(layers):
+            if layer in viewer.layers:
+                viewer.layers.remove(layer)
+    finally:
+        gc.unfreeze()
+
+
 def _undo_key(layer: Any) -> None:
     ctrl = _OWNER.get(layer)
     if ctrl is not None:
@@ -477,7 +497,8 @@ class LayoutLayers:
                 ctrl.set_layout(layout)
                 if translate is not None:
                     for layer in ctrl.layers():
-                        layer.translate = translate
+                        if not np.allclose(layer.translate[-2:], translate):  # each move re-slices the viewer
+                            layer.translate = translate
             ctrl.selected_class = selected_class
             return ctrl
         return cls._rebuild(viewer, layout, name, selected_class, translate)
@@ -486,8 +507,7 @@ class LayoutLayers:
     def _rebuild(
         cls, viewer: Any, layout: Layout, name: str, selected_class: int, translate: tuple[float, float] | None
     ) -> "LayoutLayers":
-        for layer in _layers_of(viewer, name).values():  # also a partial or renamed set
-            viewer.layers.remove(layer)
+        remove_layers(viewer, _layers_of(viewer, name).values())  # also a partial or renamed set
         for data, kwargs, kind in layout_to_layers(layout, name, selected_class, translate or (0.0, 0.0)):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
         ctrl = cls.attach(viewer, name)  # a dock may have bound the new layers already
@@ -630,9 +650,7 @@ class LayoutLayers:
 
     def remove(self) -> None:
         """Remove this layout's layers from the viewer."""
-        for layer in self.layers():
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+        remove_layers(self.viewer, self.layers())
 
     def new_nucleus_label(self) -> int:
         """Select a fresh id on the instance layer (the next stroke paints a new nucleus)."""

@@ -1,9 +1,12 @@
 """Render dock: layout -> synthetic H&E through a trained model, without freezing napari.
 
 The engine's ``model.sample(..., progress=callback)`` runs in a helper thread; a generator
-(:func:`render_steps`) turns its progress callbacks into yielded ``(step, total)`` pairs, so
-napari's ``thread_worker`` drives it, the UI stays responsive, and cancelling stops the
-engine between two sampler steps. Layers are touched only in the main-thread handlers.
+(:func:`render_steps`) turns its progress callbacks into yielded ``(step, total)`` pairs
+(:func:`napari_nucsynth._jobs.engine_steps`), run by a :class:`napari_nucsynth._jobs.Job`:
+napari's activity panel shows the progress, the UI stays responsive, and Cancel returns at
+once (the engine stops at its next network pass). Layers are touched only in the
+main-thread handlers. Before a render the dock estimates its time from the speed measured
+on this device (the first render measures it) and warns when it is long.
 
 Modes: ``render`` (from noise), ``restyle`` (DiffMix / SDEdit: partially noise an image,
 then denoise under the layout; ``strength`` in [0, 1]) and ``region`` (re-render only what
@@ -13,27 +16,26 @@ the mask of the engine's masked re-rendering; outside it the last render is kept
 
 from __future__ import annotations
 
-import os
-import queue
-import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator
 
 import numpy as np
 
+from napari_nucsynth._jobs import Job, engine_steps
 from nucsynth.edit.region import edited_region
 from nucsynth.layout import Layout, Sample
 
 __all__ = [
     "MODES",
     "RenderParams",
-    "RenderCancelled",
-    "engine_steps",
     "render_steps",
     "edited_region",
     "load_model",
+    "available_devices",
+    "SpeedLog",
     "RenderWidget",
 ]
 
@@ -41,8 +43,7 @@ MODES = ("render", "restyle", "region")
 SAMPLERS = ("dpm++2m", "ddim", "ancestral")
 
 
-class RenderCancelled(Exception):
-    """Raised inside the engine's progress callback to stop a render between steps."""
+LONG_RENDER_S = 120.0  # estimates above this get a warning before the render starts
 
 
 @dataclass
@@ -88,62 +89,35 @@ def load_model(checkpoint: str | Path, device: Any = None) -> Any:
         return _MODELS[key]
 
 
-def _lower_thread_priority() -> None:
-    """On Linux, nice the calling (engine) thread a little, so the UI thread wins when both
-    want the same core: the viewer stays responsive while a render computes."""
-    if sys.platform != "linux":  # elsewhere a thread id is not a valid PRIO_PROCESS target
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
-    except OSError:
-        pass
+def available_devices() -> list[str]:
+    """The torch devices of this machine the engine can use: "cpu", "cuda:N", "mps"."""
+    import torch
+
+    out = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
 
 
-def engine_steps(
-    call: Callable[[Callable[[int, int], None]], Any], cancel: threading.Event | None = None
-) -> Generator[tuple[int, int], None, Any]:
-    """Run ``call(progress)`` (an engine function taking a ``progress(i, n)`` callback) in a
-    helper thread; yield each ``(i, n)`` it reports and return its result, or None when
-    ``cancel`` was set (the engine stops after its current step). Its errors are re-raised
-    here. Closing the generator early cancels the engine too."""
-    cancel = cancel or threading.Event()
-    events: queue.Queue = queue.Queue()
-    outcome: dict[str, Any] = {}
+class SpeedLog:
+    """Seconds per sampler step per megapixel, measured by the renders of this session, per
+    (checkpoint, device); turns a planned render into a time estimate."""
 
-    def progress(i: int, n: int) -> None:
-        if cancel.is_set():
-            raise RenderCancelled()
-        events.put((int(i), int(n)))
+    def __init__(self) -> None:
+        self._rate: dict[tuple[str, str], float] = {}
 
-    def run() -> None:
-        _lower_thread_priority()
-        try:
-            outcome["result"] = call(progress)
-        except RenderCancelled:
-            outcome["cancelled"] = True
-        except BaseException as e:  # handed to the consumer's thread below
-            outcome["error"] = e
-        finally:
-            events.put(None)
+    def record(self, checkpoint: str, device: str, pixels: int, seconds_per_step: float) -> None:
+        """Remember one measured step time (``pixels`` = H x W of the canvas)."""
+        if pixels > 0 and seconds_per_step > 0:
+            self._rate[(checkpoint, device)] = seconds_per_step / (pixels / 1e6)
 
-    thread = threading.Thread(target=run, name="nucsynth-engine", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = events.get()
-            if item is None:
-                break
-            yield item
-    finally:
-        if thread.is_alive():  # the consumer stopped early: stop the engine too
-            cancel.set()
-            thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    if outcome.get("cancelled"):
-        return None
-    return outcome["result"]
+    def estimate(self, checkpoint: str, device: str, pixels: int, steps: int) -> float | None:
+        """Seconds a render of ``steps`` steps on ``pixels`` would take, or None if unmeasured."""
+        rate = self._rate.get((checkpoint, device))
+        return None if rate is None else rate * pixels / 1e6 * steps
+
+
+SPEED = SpeedLog()
 
 
 def render_steps(
@@ -225,18 +199,20 @@ from napari_nucsynth._layers import LayoutLayers, find_layout_names, role_of  # 
 
 
 class RenderWidget(QWidget):
-    """The render dock. ``worker`` is the running thread worker (None when idle)."""
+    """The render dock. ``job`` is the running :class:`~napari_nucsynth._jobs.Job` (None
+    when idle); ``running`` tells whether one is in progress."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.worker: Any = None
-        self._cancel: threading.Event | None = None
+        self.job: Job | None = None
         self._rendered: dict[str, Layout] = {}  # layout name -> the layout of its last render
         self.last_error: str | None = None
+        self.estimate_s: float | None = None  # the estimate shown for the next render
         root = QVBoxLayout(self)
         form = QFormLayout()
         self.ckpt_edit = QLineEdit()
+        self.ckpt_edit.setToolTip("a checkpoint folder (config.json + weights); preselected: the default model")
         self.ckpt_edit.editingFinished.connect(self._describe_checkpoint)
         browse = QPushButton("Browse...")
         browse.clicked.connect(self._browse)
@@ -246,9 +222,17 @@ class RenderWidget(QWidget):
         form.addRow("Checkpoint", row)
         self.family_label = QLabel("")
         form.addRow("Family", self.family_label)
+        self.device_combo = QComboBox()
+        self.device_combo.setToolTip("where the engine computes: a GPU (CUDA, Apple MPS) is many times faster "
+                                     "than the CPU")
+        self.device_combo.currentTextChanged.connect(self._show_device)
+        form.addRow("Device", self.device_combo)
         self.device_label = QLabel("")
-        form.addRow("Device", self.device_label)
+        self.device_label.setWordWrap(True)
+        form.addRow("", self.device_label)
         self.layout_combo = QComboBox()
+        self.layout_combo.setToolTip("the layout to render (from the designer or a file)")
+        self.layout_combo.currentTextChanged.connect(self._update_estimate)
         form.addRow("Layout", self.layout_combo)
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODES))
@@ -256,25 +240,40 @@ class RenderWidget(QWidget):
                                    "region: re-render only what changed since the last render")
         form.addRow("Mode", self.mode_combo)
         self.image_combo = QComboBox()
+        self.image_combo.setToolTip("restyle: the RGB image partially noised to 'strength', then denoised under the layout")
         form.addRow("Restyle image", self.image_combo)
         self.steps_spin = QSpinBox(minimum=1, maximum=1000, value=20)
+        self.steps_spin.setToolTip("sampler steps: more is slower and (up to a point) better")
+        self.steps_spin.valueChanged.connect(self._update_estimate)
         form.addRow("Steps", self.steps_spin)
         self.guidance_spin = QDoubleSpinBox(minimum=0.0, maximum=20.0, value=0.5, singleStep=0.1)
+        self.guidance_spin.setToolTip("classifier-free guidance, engine convention eps_c + s (eps_c - eps_u); "
+                                      "0 = off (one network pass per step instead of two)")
         form.addRow("Guidance", self.guidance_spin)
         self.seed_spin = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
+        self.seed_spin.setToolTip("same seed, layout, model and settings give the same image")
         form.addRow("Seed", self.seed_spin)
         self.strength_spin = QDoubleSpinBox(minimum=0.01, maximum=1.0, value=0.55, singleStep=0.05)
+        self.strength_spin.setToolTip("restyle: how far the image is noised (0.55 = DiffMix)")
         form.addRow("Strength", self.strength_spin)
         self.sampler_combo = QComboBox()
         self.sampler_combo.addItems(list(SAMPLERS))
+        self.sampler_combo.setToolTip("dpm++2m: few steps suffice; ddim; ancestral: the slowest")
         form.addRow("Sampler", self.sampler_combo)
         root.addLayout(form)
+        self.estimate_label = QLabel("")
+        self.estimate_label.setWordWrap(True)
+        root.addWidget(self.estimate_label)
         row = QHBoxLayout()
         self.run_btn = QPushButton("Render")
+        self.run_btn.setToolTip("render the chosen layout beside it (progress also in napari's activity panel)")
         self.run_btn.clicked.connect(self.render)
         self.region_btn = QPushButton("Re-render region")
+        self.region_btn.setToolTip("re-render only what was edited since this layout's last render")
         self.region_btn.clicked.connect(self.rerender_region)
         self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("stop the render now (Escape)")
+        self.cancel_btn.setShortcut("Escape")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
         for b in (self.run_btn, self.region_btn, self.cancel_btn):
@@ -286,8 +285,8 @@ class RenderWidget(QWidget):
         self.status.setWordWrap(True)
         root.addWidget(self.status)
         root.addStretch(1)
+        self._fill_devices()
         self._preselect_checkpoint()
-        self._show_device()
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._refresh_combos)
         self._refresh_combos()
@@ -303,16 +302,41 @@ class RenderWidget(QWidget):
             self.status.setText(str(e))
         self._describe_checkpoint()
 
-    def _show_device(self) -> None:
+    def _fill_devices(self) -> None:
+        self.device_combo.blockSignals(True)
+        self.device_combo.addItems(available_devices())  # the engine's pick (a GPU if any) first
+        self.device_combo.blockSignals(False)
+        self._show_device()
+
+    def _show_device(self, *_: Any) -> None:
         from nucsynth.device import describe_device, pick_device
 
-        self.device_label.setText(describe_device(pick_device()))
+        try:
+            self.device_label.setText(describe_device(pick_device(self.device())))
+        except ValueError as e:
+            self.device_label.setText(str(e))
+        self._update_estimate()
+
+    def device(self) -> str:
+        """The chosen device ("cpu", "cuda:0", "mps")."""
+        return self.device_combo.currentText() or "cpu"
 
     def _browse(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Checkpoint folder", self.ckpt_edit.text())
         if path:
             self.ckpt_edit.setText(path)
             self._describe_checkpoint()
+
+    def _checkpoint_config(self) -> dict[str, Any] | None:
+        from nucsynth.checkpoint import read_config
+
+        text = self.ckpt_edit.text().strip()
+        if not text:
+            return None
+        try:
+            return read_config(text)
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _describe_checkpoint(self) -> None:
         from nucsynth.checkpoint import read_config
@@ -330,6 +354,7 @@ class RenderWidget(QWidget):
         model = cfg.get("model", {})
         self.family_label.setText(f"{cfg['family']} ({model.get('preset', '?')}, {model.get('image_size', '?')} px, "
                                   f"step {cfg.get('step', '?')})")
+        self._update_estimate()
 
     def _refresh_combos(self, event: Any = None) -> None:
         from napari.layers import Image
@@ -339,16 +364,55 @@ class RenderWidget(QWidget):
             (self.image_combo, [ly.name for ly in self.viewer.layers if isinstance(ly, Image) and ly.rgb]),
         ):
             current = combo.currentText()
+            combo.blockSignals(True)
             combo.clear()
             combo.addItems(items)
             if current in items:
                 combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self._update_estimate()
+
+    def _layout_shape(self) -> tuple[int, int] | None:
+        name = self.layout_combo.currentText()
+        layer = f"{name} instances"
+        if not name or layer not in self.viewer.layers:
+            return None
+        return tuple(self.viewer.layers[layer].data.shape[-2:])  # type: ignore[return-value]
+
+    def _update_estimate(self, *_: Any) -> None:
+        """Size and time of the planned render, from the speed measured on this device."""
+        shape = self._layout_shape()
+        cfg = self._checkpoint_config()
+        if shape is None or cfg is None:
+            self.estimate_label.setText("")
+            self.estimate_s = None
+            return
+        h, w = shape
+        trained = cfg.get("model", {}).get("image_size")
+        lines = []
+        if trained and (h, w) != (int(trained), int(trained)):
+            lines.append(f"the model was trained on {trained} px patches; this {h} x {w} layout costs "
+                         f"{h * w / int(trained) ** 2:.1f}x a patch per step")
+        est = SPEED.estimate(self.ckpt_edit.text().strip(), self.device(), h * w, self.steps_spin.value())
+        self.estimate_s = est
+        if est is None:
+            lines.append(f"{h} x {w} px, {self.steps_spin.value()} steps: the time is measured on the first step")
+        else:
+            long = est > LONG_RENDER_S
+            lines.append(f"{h} x {w} px, {self.steps_spin.value()} steps: about {_duration(est)} on {self.device()}"
+                         + (" - long: fewer steps, a smaller layout or a GPU would be faster" if long else ""))
+        self.estimate_label.setText("; ".join(lines))
 
     # ------------------------------------------------------------------ state
     @property
     def running(self) -> bool:
         """Whether a render is in progress."""
-        return self.worker is not None
+        return self.job is not None and self.job.running
+
+    @property
+    def worker(self) -> Any:
+        """The running thread worker (None when idle)."""
+        return self.job.worker if self.running else None
 
     def _tell(self, text: str, error: bool = False) -> None:
         from napari.utils.notifications import show_error, show_info
@@ -384,38 +448,39 @@ class RenderWidget(QWidget):
         self._start(self.params("region"))
 
     def cancel(self) -> None:
-        """Stop the running render after its current step."""
-        if self._cancel is not None:
-            self._cancel.set()
-        if self.worker is not None:
-            self.worker.quit()
-        self.status.setText("cancelling...")
+        """Stop the running render now; the dock is idle when this returns."""
+        if self.job is not None:
+            self.job.cancel()
 
     def _start(self, params: RenderParams) -> None:
         if self.running:
             return
         try:
-            job = self._prepare(params)
+            ctrl, layout, init, mask = self._prepare(params)
         except (FileNotFoundError, ValueError) as e:
             self._tell(str(e), error=True)
             return
-        from napari.qt.threading import create_worker
-
-        ctrl, layout, init, mask = job
-        self._cancel = threading.Event()
+        self._update_estimate()
         self.progress.setRange(0, params.steps)
         self.progress.setValue(0)
-        worker = create_worker(self._job, params, layout, init, mask, self._cancel,
-                               _start_thread=False, _ignore_errors=True)  # errors go to _on_error
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda sample: self._on_done(sample, ctrl, layout, params))
-        worker.errored.connect(self._on_error)
-        worker.aborted.connect(lambda: self.status.setText("render cancelled"))
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
+        clock = {"t0": time.perf_counter(), "first": None}
+        device = self.device()
+        self.job = Job(
+            f"Rendering {ctrl.name!r}",
+            on_done=lambda result: self._on_done(result, ctrl, layout, params),
+            on_error=self._on_error,
+            on_progress=lambda item: self._on_progress(item, clock, params, layout, device),
+            on_end=self._on_end,
+            total=params.steps,
+        )
         self._set_running(True)
-        self.status.setText(f"rendering {ctrl.name!r} ({params.mode}, {params.steps} steps, seed {params.seed})...")
-        worker.start()
+        msg = f"rendering {ctrl.name!r} ({params.mode}, {params.steps} steps, seed {params.seed})"
+        if self.estimate_s is not None:
+            msg += f", about {_duration(self.estimate_s)}"
+            if self.estimate_s > LONG_RENDER_S:
+                self._tell(f"this render will take about {_duration(self.estimate_s)} on {device}; Cancel stops it")
+        self.status.setText(msg + "...")
+        self.job.start(self._job, params, layout, init, mask, device, self.job.cancel_event)
 
     def _prepare(self, params: RenderParams) -> tuple[LayoutLayers, Layout, np.ndarray | None, np.ndarray | None]:
         """Check everything on the main thread (fast, clear errors) before any work starts."""
@@ -429,6 +494,9 @@ class RenderWidget(QWidget):
         if not name:
             raise ValueError("no layout to render: make one in the Layout designer or open a file")
         ctrl = LayoutLayers.attach(self.viewer, name)
+        problems = ctrl.problems()
+        if problems:
+            raise ValueError(f"layout {name!r}: {', '.join(problems)}; repair it in the Layout designer first")
         layout = ctrl.layout()
         init = mask = None
         if params.mode == "restyle":
@@ -449,18 +517,26 @@ class RenderWidget(QWidget):
         return ctrl, layout, init, mask
 
     @staticmethod
-    def _job(params: RenderParams, layout: Layout, init: Any, mask: Any, cancel: threading.Event):
+    def _job(params: RenderParams, layout: Layout, init: Any, mask: Any, device: str, cancel: threading.Event):
         """Worker body: load the model (cached), then render step by step."""
         yield (0, params.steps)
-        model = load_model(params.checkpoint)
+        model = load_model(params.checkpoint, device)
         made = yield from render_steps(model, layout, params, init, mask, cancel)
         return None if made is None else (made, getattr(model, "name", "?"))
 
     # ------------------------------------------------------------------ worker handlers (main thread)
-    def _on_progress(self, item: tuple[int, int]) -> None:
+    def _on_progress(self, item: tuple[int, int], clock: dict[str, Any], params: RenderParams, layout: Layout,
+                     device: str) -> None:
         i, n = item
         self.progress.setRange(0, n)
         self.progress.setValue(i)
+        now = time.perf_counter()
+        if i == 0:
+            clock["t0"] = now  # the model is loaded: steps start now
+            return
+        per_step = (now - clock["t0"]) / i
+        SPEED.record(params.checkpoint, device, layout.shape[0] * layout.shape[1], per_step)
+        self.status.setText(f"rendering: step {i}/{n}, about {_duration(per_step * (n - i))} left")
 
     def _on_done(self, result: Any, ctrl: LayoutLayers, layout: Layout, params: RenderParams) -> None:
         if result is None:
@@ -489,16 +565,27 @@ class RenderWidget(QWidget):
             LayoutLayers.show(self.viewer, made, f"{name} labels", translate=translate)
         self.progress.setValue(self.progress.maximum())
         self.status.setText(f"{family} model: {ctrl.name!r} done, seed {params.seed}")
+        self._update_estimate()
 
     def _on_error(self, exc: BaseException) -> None:
         self._tell(f"render failed: {exc}", error=True)
 
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._cancel = None
+    def _on_end(self) -> None:
+        if self.job is not None and self.job.cancelled:
+            self.status.setText("render cancelled")
         self._set_running(False)
 
     def _set_running(self, running: bool) -> None:
         self.run_btn.setEnabled(not running)
         self.region_btn.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
+        self.device_combo.setEnabled(not running)
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '3.5 min' or '1.2 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

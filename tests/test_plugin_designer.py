@@ -66,7 +66,7 @@ def test_balance_gives_a_proposal_at_the_target_share(designer) -> None:
     assert ctrl.layout().equals(base)  # the user's layout is untouched until "Keep"
     assert prop.instances.translate[1] > base.shape[1]  # beside, not over the layout
     click(designer, designer.keep_btn)
-    assert designer.proposal is None and f"{ctrl.name} proposal instances" not in designer.viewer.layers
+    assert designer.proposal is None and not designer.viewer.layers[f"{ctrl.name} proposal instances"].visible
     assert (ctrl.layout().classes == 1).mean() == pytest.approx(share)
     assert designer.counts()["other"] == int((got.classes == 1).sum())
 
