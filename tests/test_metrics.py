@@ -143,8 +143,12 @@ def test_empty_truth_and_empty_prediction():
     z = np.zeros((10, 12), np.int64)
     t = two_boxes()
     both = M.instance_metrics(z, z)
-    assert all(both[k] == 1.0 for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq", "mdice"))
-    assert M.pq(z, z, empty=0.0)["pq"] == 0.0  # the HoVer-Net code's choice is available
+    assert M.EMPTY_SCORE == 0.0  # the HoVer-Net code's choice is the default
+    assert all(both[k] == 0.0 for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq", "mdice"))
+    assert M.pq(z, z, empty=1.0)["pq"] == 1.0  # "nothing to find, nothing found" is available
+    s = M.evaluate_set([Layout.from_inst_map(z), Layout.from_inst_map(t)], [Layout.from_inst_map(z), Layout.from_inst_map(t)])
+    assert (s["n_empty"], s["n_empty_truth"], s["mean"]["pq"]) == (1, 1, 0.5)
+    assert M.evaluate_set([Layout.from_inst_map(z)], [Layout.from_inst_map(z)], empty=1.0)["mean"]["pq"] == 1.0
     for true, pred, counts in ((z, t, (0, 2, 0)), (t, z, (0, 0, 2))):
         m = M.instance_metrics(true, pred)
         assert all(m[k] == 0.0 for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq", "mdice"))
@@ -248,8 +252,9 @@ def test_pq_matches_stardist_on_perturbed_consep(consep_dir):
             ours = M.pq(inst, pred)
             ref = matching.matching(inst, pred, thresh=STRICT_HALF)
             if inst.max() == 0 and pred.max() == 0:
-                # stardist's safe division gives 0 here; ours is 1 by definition (docs).
-                assert ours["pq"] == 1.0 and ref.panoptic_quality == 0.0
+                # stardist's safe division gives 0 here, as does our default (HoVer-Net's convention).
+                assert ours["pq"] == 0.0 and ref.panoptic_quality == 0.0
+                assert M.pq(inst, pred, empty=1.0)["pq"] == 1.0
                 continue
             assert ours["tp"] == ref.tp and ours["fp"] == ref.fp and ours["fn"] == ref.fn, name
             assert abs(ours["pq"] - ref.panoptic_quality) < 1e-6, name

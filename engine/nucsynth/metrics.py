@@ -6,9 +6,11 @@ to 1..n internally (so ids need not be contiguous), then a single ``np.bincount`
 the same table give the instance areas. Exact definitions, including the conventions for
 empty truth or prediction, are in ``docs/metrics.md``; in short:
 
-- per-image scores (Dice, AJI, AJI+, DQ, SQ, PQ, mDice) return ``empty`` (default 1.0:
-  nothing to find and nothing found is a perfect result) when truth and prediction are
-  both empty, and 0.0 when exactly one of them is empty;
+- per-image scores (Dice, AJI, AJI+, DQ, SQ, PQ, mDice) return ``empty`` (default
+  :data:`EMPTY_SCORE` = 0.0, what the HoVer-Net code gives; 1.0 reads "nothing to find and
+  nothing found" as perfect, NaN drops such images from means) when truth and prediction
+  are both empty, and 0.0 when exactly one of them is empty; ``evaluate_set`` reports how
+  many images were empty;
 - set-level ratios (aggregated PQ, per-class PQ, F_d, accuracy, F_c) are NaN when their
   denominator is zero (e.g. a class absent from both truth and prediction): "no evidence",
   never a misleading 0; class means skip NaN.
@@ -28,12 +30,14 @@ from scipy.optimize import linear_sum_assignment
 from nucsynth.layout import Layout
 
 __all__ = [
+    "EMPTY_SCORE",
     "Overlap",
     "overlap_table",
     "dice",
     "aji",
     "aji_plus",
     "pq",
+    "pq_from_counts",
     "mdice",
     "instance_metrics",
     "class_pq",
@@ -44,6 +48,10 @@ __all__ = [
 ]
 
 InstanceInput = np.ndarray | Layout
+
+# Score of an image whose truth and prediction are both empty. 0.0 follows the HoVer-Net
+# code (its 1e-6 guards give 0), so per-image means are comparable with published figures.
+EMPTY_SCORE = 0.0
 
 
 # ---------------------------------------------------------------------------- the table
@@ -198,6 +206,12 @@ def _pq_from_counts(tp: int, fp: int, fn: int, iou_sum: float, empty: float) -> 
             "iou_sum": float(iou_sum)}
 
 
+def pq_from_counts(tp: int, fp: int, fn: int, iou_sum: float, empty: float = EMPTY_SCORE) -> dict[str, float]:
+    """DQ, SQ and PQ from match counts and the summed IoU of the matches (e.g. pooled over
+    several images); ``empty`` when there is no instance on either side."""
+    return _pq_from_counts(tp, fp, fn, iou_sum, empty)
+
+
 def _pq(ov: Overlap, match_iou: float, empty: float) -> dict[str, float]:
     r, _, ious = _pq_match(ov, match_iou)
     tp = r.size
@@ -217,12 +231,12 @@ def _mdice(ov: Overlap, empty: float) -> float:
     return float(_mdice_per_instance(ov).mean())
 
 
-def dice(true: InstanceInput, pred: InstanceInput, empty: float = 1.0) -> float:
+def dice(true: InstanceInput, pred: InstanceInput, empty: float = EMPTY_SCORE) -> float:
     """Binary (foreground) Dice 2|T & P| / (|T| + |P|); ``empty`` if both are empty."""
     return _dice(overlap_table(true, pred), empty)
 
 
-def aji(true: InstanceInput, pred: InstanceInput, empty: float = 1.0) -> float:
+def aji(true: InstanceInput, pred: InstanceInput, empty: float = EMPTY_SCORE) -> float:
     """Aggregated Jaccard Index (Kumar et al. 2017).
 
     Each true instance is paired with the prediction of maximum IoU (a prediction may be
@@ -232,12 +246,12 @@ def aji(true: InstanceInput, pred: InstanceInput, empty: float = 1.0) -> float:
     return _aji(overlap_table(true, pred), empty)
 
 
-def aji_plus(true: InstanceInput, pred: InstanceInput, empty: float = 1.0) -> float:
+def aji_plus(true: InstanceInput, pred: InstanceInput, empty: float = EMPTY_SCORE) -> float:
     """AJI+ (Graham et al. 2019): as AJI but pairs are unique (Hungarian on IoU)."""
     return _aji_plus(overlap_table(true, pred), empty)
 
 
-def pq(true: InstanceInput, pred: InstanceInput, match_iou: float = 0.5, empty: float = 1.0) -> dict[str, float]:
+def pq(true: InstanceInput, pred: InstanceInput, match_iou: float = 0.5, empty: float = EMPTY_SCORE) -> dict[str, float]:
     """Panoptic quality of one image: dict(dq, sq, pq, tp, fp, fn, iou_sum).
 
     Pairs with IoU > ``match_iou`` are matches (unique when match_iou >= 0.5, Hungarian
@@ -246,7 +260,7 @@ def pq(true: InstanceInput, pred: InstanceInput, match_iou: float = 0.5, empty: 
     return _pq(overlap_table(true, pred), match_iou, empty)
 
 
-def mdice(true: InstanceInput, pred: InstanceInput, empty: float = 1.0, per_instance: bool = False) -> Any:
+def mdice(true: InstanceInput, pred: InstanceInput, empty: float = EMPTY_SCORE, per_instance: bool = False) -> Any:
     """Instance-separation mDice: the mean over true instances of the Dice of each with its
     best-matching (maximum Dice) predicted instance; 0 for a truth overlapped by nothing.
 
@@ -259,7 +273,7 @@ def mdice(true: InstanceInput, pred: InstanceInput, empty: float = 1.0, per_inst
     return _mdice(ov, empty)
 
 
-def instance_metrics(true: InstanceInput, pred: InstanceInput, match_iou: float = 0.5, empty: float = 1.0) -> dict[str, float]:
+def instance_metrics(true: InstanceInput, pred: InstanceInput, match_iou: float = 0.5, empty: float = EMPTY_SCORE) -> dict[str, float]:
     """All per-image instance metrics from one overlap table.
 
     Keys: dice, aji, aji_plus, dq, sq, pq, mdice, tp, fp, fn, iou_sum, n_true, n_pred.
@@ -414,10 +428,12 @@ PER_IMAGE_KEYS = ("dice", "aji", "aji_plus", "dq", "sq", "pq", "mdice")
 
 
 def evaluate_set(true_layouts: Sequence[Layout], pred_layouts: Sequence[Layout], radius: float = 12.0,
-                 match_iou: float = 0.5, empty: float = 1.0) -> dict[str, Any]:
+                 match_iou: float = 0.5, empty: float = EMPTY_SCORE) -> dict[str, Any]:
     """Every metric over a set of (true, predicted) Layouts.
 
-    Returns ``{"n_images", "mean": {dice, aji, aji_plus, dq, sq, pq, mdice} (per-image
+    Returns ``{"n_images", "n_empty" (images with neither true nor predicted nuclei: they
+    score ``empty`` in the per-image means), "n_empty_truth" (images without true nuclei),
+    "empty" (that score), "mean": {dice, aji, aji_plus, dq, sq, pq, mdice} (per-image
     means), "aggregate": {dq, sq, pq} (counts summed over the set), "class_pq": {name:
     {dq, sq, pq}} (summed over the set per class, NaN for absent classes), "mpq" (mean of
     the defined class PQs), "detection": detection_classification(...), "per_image": [...]}``.
@@ -437,6 +453,7 @@ def evaluate_set(true_layouts: Sequence[Layout], pred_layouts: Sequence[Layout],
         m: dict[str, float] = {"dice": _dice(ov, empty), "aji": _aji(ov, empty), "aji_plus": _aji_plus(ov, empty)}
         m.update(_pq(ov, match_iou, empty))
         m["mdice"] = _mdice(ov, empty)
+        m["n_true"], m["n_pred"] = ov.n_true, ov.n_pred
         per_image.append(m)
         totals += (m["tp"], m["fp"], m["fn"], m["iou_sum"])
         class_totals += _class_counts_pq(ov, _instance_classes(t, ov.true_ids), _instance_classes(p, ov.pred_ids), k, match_iou)
@@ -447,6 +464,9 @@ def evaluate_set(true_layouts: Sequence[Layout], pred_layouts: Sequence[Layout],
     defined = [v["pq"] for v in cls.values() if not np.isnan(v["pq"])]
     return {
         "n_images": len(ts),
+        "n_empty": sum(1 for m in per_image if m["n_true"] == 0 and m["n_pred"] == 0),
+        "n_empty_truth": sum(1 for m in per_image if m["n_true"] == 0),
+        "empty": float(empty),
         "mean": {key: float(np.mean([m[key] for m in per_image])) for key in PER_IMAGE_KEYS},
         "aggregate": {key: agg[key] for key in ("dq", "sq", "pq")},
         "class_pq": {name: {key: v[key] for key in ("dq", "sq", "pq")} for name, v in cls.items()},
