@@ -281,7 +281,7 @@ def save_checkpoint(
         if isinstance(e, outputs.OutputError):
             raise
         raise outputs.OutputError(outputs.describe_os_error(e, final)
-                                  + f" (no checkpoint was written at {final})") from None
+                                  + f" (no checkpoint was written at {final})", e.errno) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

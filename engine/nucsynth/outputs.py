@@ -68,8 +68,9 @@ class OutputError(OSError):
     """An output cannot be written (read-only folder, disk full, permission); the message
     names the user's path. Nothing at that path was changed."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
+        self.errno = code  # the underlying errno (ENOSPC, EROFS, ...) when there is one
 
 
 def _stderr(msg: str) -> None:
@@ -368,9 +369,9 @@ def staged(
         raise
     except OSError as e:
         _remove_quietly(tmp)
-        if isinstance(e, OutputError):
-            raise
-        raise OutputError(describe_os_error(e, path) + f" (nothing was changed at {path})") from None
+        if isinstance(e, OutputError) and e.errno is None:
+            raise  # already names the user's path
+        raise OutputError(describe_os_error(e, path) + f" (nothing was changed at {path})", e.errno) from None
     except BaseException:
         _remove_quietly(tmp)
         raise

@@ -51,6 +51,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ def _creation_provenance() -> dict[str, Any]:
         "nucsynth_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "id": uuid.uuid4().hex,  # tells two stores apart (e.g. the data a training run was resumed with)
     }
 
 
@@ -383,7 +385,7 @@ class DatasetStore(Sequence[Sample]):
         except OSError as e:
             if isinstance(e, (FileExistsError, outputs.OutputError)):
                 raise
-            raise outputs.OutputError(outputs.describe_os_error(e, path)) from None
+            raise outputs.OutputError(outputs.describe_os_error(e, path), e.errno) from None
         finally:
             if old_lock is not None:
                 old_lock.release()
@@ -678,7 +680,7 @@ class DatasetStore(Sequence[Sample]):
             if isinstance(e, outputs.OutputError):
                 raise
             raise outputs.OutputError(outputs.describe_os_error(e, self.path, "append to")
-                                      + f" (the store still holds its {len(self)} committed patches)") from None
+                                      + f" (the store still holds its {len(self)} committed patches)", e.errno) from None
 
     def _append(self, samples: Iterable[Sample], splits: str | Sequence[str] | Callable[[Sample], str]) -> int:
         cs = self.class_set
@@ -782,6 +784,11 @@ class DatasetStore(Sequence[Sample]):
         lost_sums = set()
         for a, b, why in bad_rows.get("checksums", []):
             lost_sums.update(range(a, min(n, b)))
+        if "checksums" in tables:  # a missing chunk reads as zeros: the sums are lost, not the data
+            step = int(self._arr("checksums").chunks[0])
+            for k in range(-(-n // step)):
+                if not self._chunk_file("checksums", k).is_file():
+                    lost_sums.update(range(k * step, min(n, (k + 1) * step)))
         if np.any(np.diff(off) < 0) or (n and (off[0] != 0 or off[-1] != m)):
             rep.problems.append("the offsets table is inconsistent (nucleus rows out of order or not covering the table)")
         for start in range(0, n, _BATCH):
