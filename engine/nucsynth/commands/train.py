@@ -162,7 +162,11 @@ def _resume_differences(args: argparse.Namespace, saved: dict[str, Any], provena
             diffs.append(f"{what} {provenance[key]} (the run used {old[key]})")
     if old.get("kind") == "store" and provenance.get("kind") == "store":
         made_then, made_now = old.get("store", {}).get("created"), provenance.get("store", {}).get("created")
-        if made_then and made_now and made_then != made_now:
+        if made_then and made_now and "id" in made_then and "id" in made_now:
+            other = made_then["id"] != made_now["id"]
+        else:  # stores of older releases carry no id: their creation record and path
+            other = made_then != made_now or Path(old.get("path", "")).resolve() != Path(provenance["path"]).resolve()
+        if other:
             diffs.append(f"--data {provenance['path']} is another store (created {made_now.get('created_at')}; "
                          f"the run used {old.get('path')}, created {made_then.get('created_at')})")
     elif old.get("kind") == "source" and old.get("path") and Path(old["path"]).resolve() != Path(provenance["path"]).resolve():
