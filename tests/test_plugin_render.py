@@ -114,15 +114,52 @@ def test_rerender_region_changes_only_the_edited_region(dock, qtbot) -> None:
     assert dock.viewer.layers["tile render"].metadata["nucsynth"]["mode"] == "region"
 
 
+def _engine_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "nucsynth-engine"]
+
+
 def test_cancel_stops_the_render(dock, qtbot) -> None:
     dock.steps_spin.setValue(400)
     dock.run_btn.click()
     qtbot.waitUntil(lambda: dock.progress.value() >= 2, timeout=60000)
     dock.cancel_btn.click()
-    qtbot.waitUntil(lambda: not dock.running, timeout=30000)
+    assert not dock.running and dock.run_btn.isEnabled()  # idle at once
+    assert "cancelled" in dock.status.text()
+    qtbot.waitUntil(lambda: not _engine_threads(), timeout=5000)  # and the engine has stopped
     assert dock.progress.value() < 400
-    assert "tile render" not in dock.viewer.layers
-    assert dock.run_btn.isEnabled()
+    qtbot.wait(200)
+    assert "tile render" not in dock.viewer.layers  # a late result is dropped
+
+
+def test_cancel_within_a_step_at_256_px_with_the_default_model(dock, qtbot) -> None:
+    """Cancel in the middle of a sampler step of the shipped model at 256 px: the dock is
+    idle within 2 s and the engine stops at its next network pass, not at the step's end."""
+    from napari_nucsynth._layers import LayoutLayers
+    from nucsynth.checkpoint import resolve_checkpoint
+    from nucsynth.generate.layouts import random_layout
+
+    try:
+        ckpt = resolve_checkpoint(None)
+    except (FileNotFoundError, ValueError) as e:
+        pytest.skip(f"no default model installed: {e}")
+    LayoutLayers.show(dock.viewer, random_layout((256, 256), seed=2), "big")
+    dock.layout_combo.setCurrentText("big")
+    dock.ckpt_edit.setText(str(ckpt))
+    dock.steps_spin.setValue(50)
+    dock.run_btn.click()
+    qtbot.waitUntil(lambda: dock.progress.value() >= 1, timeout=120000)  # model loaded, steps running
+    qtbot.wait(100)  # now inside a step
+    t0 = time.perf_counter()
+    dock.cancel_btn.click()
+    qtbot.waitUntil(lambda: not dock.running, timeout=2000)
+    idle = time.perf_counter() - t0
+    qtbot.waitUntil(lambda: not _engine_threads(), timeout=10000)
+    stopped = time.perf_counter() - t0
+    print(f"cancel at 256 px: dock idle after {idle * 1000:.0f} ms, engine stopped after {stopped * 1000:.0f} ms")
+    assert idle < 2.0 and stopped < 2.0
+    assert "big render" not in dock.viewer.layers
 
 
 def test_bad_checkpoint_is_a_notification_not_a_crash(dock, qtbot, tmp_path: Path, tiny_checkpoint: Path) -> None:
