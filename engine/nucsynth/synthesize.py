@@ -380,6 +380,33 @@ class Synthesizer:
             raise ValueError(f"strength {strength} partially noises the source's images, but the source has none")
         return options.replace(guidance=float(guidance), strength=strength)
 
+    def memory_estimate(self, canvas: tuple[int, int], batch: int, guidance: float) -> int:
+        """Estimated peak bytes of rendering ``batch`` canvases of ``canvas`` px (see
+        :func:`nucsynth.diffusion.windows.estimate_bytes`): canvases larger than the training
+        size are denoised as windows of it, so this grows with the canvas' pixels only."""
+        from nucsynth.diffusion.windows import estimate_bytes
+
+        model = self.image_model if self.family == "structure" else self.model
+        cfg = model.config
+        f = int(getattr(cfg, "latent_factor", 1) or 1)  # latent models diffuse at 1/f of the image
+        latent = getattr(cfg, "latent", None) or {}
+        channels = int(latent.get("channels", 0)) or (3 if self.family != "joint" else int(cfg.out_channels))
+        cond = int(getattr(cfg, "cond_channels", 0) or 0)
+        window = int(model.image_size or max(canvas)) // f
+        state = (canvas[0] // f, canvas[1] // f)
+        est = estimate_bytes(cfg.network, state, batch, channels, cond, window, guided=guidance != 0)
+        return est + 4 * batch * canvas[0] * canvas[1] * 3 * f * f if f > 1 else est  # + decoded images
+
+    def check_memory(self, items: Sequence[Item], options: SynthesisOptions) -> None:
+        """Refuse, before any work, a batch whose canvas this device cannot hold."""
+        from nucsynth.diffusion.windows import check_memory
+
+        shape = items[0].layout.shape if items[0].layout is not None else items[0].size
+        if shape is None:
+            return
+        need = self.memory_estimate(tuple(shape), len(items), float(options.guidance or 0.0))
+        check_memory(need, self.device, f"rendering {len(items)} canvas(es) of {shape[0]}x{shape[1]} px")
+
     def provenance(self, options: SynthesisOptions) -> dict[str, Any]:
         """What every sample of this synthesizer records besides its own seed and source."""
         import torch
@@ -403,6 +430,7 @@ class Synthesizer:
             raise ValueError("options are not resolved: call Synthesizer.resolve(options) first")
         seeds = [it.seed for it in items]
         o = options
+        self.check_memory(items, o)
         if self.family == "semantic":
             use_init = o.strength is not None or any(it.mask is not None for it in items)
             if use_init and any(it.init_image is None for it in items):

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["window_starts", "blend_weights", "windowed", "estimate_bytes", "available_bytes", "check_memory",
-           "DEFAULT_OVERLAP", "WINDOWS_PER_CALL"]
+__all__ = ["window_starts", "blend_weights", "windowed", "seam_ratio", "estimate_bytes", "available_bytes",
+           "check_memory", "DEFAULT_OVERLAP", "WINDOWS_PER_CALL"]
 
 DEFAULT_OVERLAP = 0.25  # share of the window that overlaps its neighbour on each side
 WINDOWS_PER_CALL = 4  # windows evaluated per network call (the memory bound)
@@ -118,6 +118,36 @@ def windowed(net_fn: NetFn, window: int, overlap: float = DEFAULT_OVERLAP, per_c
         return out / total
 
     return fn
+
+
+def seam_ratio(image: Any, window: int, overlap: float = DEFAULT_OVERLAP, shift: int = 0) -> float:
+    """How much larger the image gradient is across window borders than inside windows:
+    mean |difference of neighbouring pixels| (grey level) over the pixel pairs that straddle
+    a window border, divided by the mean over the pairs at least 2 px from any border; both
+    axes. 1 = no seam; a canvas that fits one window has no border (returns 1). ``shift``
+    moves the borders by that many px: the same figure at positions that are not borders,
+    i.e. how much the ratio varies inside windows by chance."""
+    import numpy as np
+
+    img = np.asarray(image, dtype=np.float64)
+    grey = img.mean(-1) if img.ndim == 3 else img
+    ratios_num, ratios_den = [], []
+    for axis in (0, 1):
+        size = grey.shape[axis]
+        w = min(window, size)
+        starts = window_starts(size, w, int(round(overlap * window)))
+        edges = sorted({x0 for x0 in starts if x0 > 0} | {x0 + w for x0 in starts if x0 + w < size})
+        g = np.abs(np.diff(grey, axis=axis)).mean(axis=1 - axis)  # pair (k, k+1) -> g[k]
+        border = np.array([e - 1 + shift for e in edges if 0 <= e - 1 + shift < size - 1], dtype=int)
+        if border.size == 0:
+            continue
+        near = np.unique(np.concatenate([border + d for d in (-2, -1, 0, 1, 2)]))
+        inside = np.setdiff1d(np.arange(g.size), near)
+        ratios_num.append(g[border].mean())
+        ratios_den.append(g[inside].mean())
+    if not ratios_num:
+        return 1.0
+    return float(np.mean(ratios_num) / np.mean(ratios_den))
 
 
 def _cat_conds(conds: list[Any]) -> Any:
