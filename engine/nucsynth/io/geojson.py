@@ -194,8 +194,11 @@ _ANNOTATION_MODES = ("skip", "nuclei", "regions")
 MAX_AUTO_CANVAS = 2**26
 
 
-def _collect(path: Path, feats: list[dict[str, Any]], off: float, annotations: str):
-    """Nuclei [(parts, point, classification, colour)], regions, and the object counts."""
+def _collect(
+    path: Path, feats: list[dict[str, Any]], off: float, annotations: str
+) -> tuple[list[tuple[list, np.ndarray | None, Any]], list[Region], dict[str, int]]:
+    """Nuclei [(polygon parts, point (y, x) or None, classification)] in file order, the
+    regions (``annotations="regions"``), and the count of every kind of object."""
     nuclei: list[tuple[list, np.ndarray | None, Any]] = []
     regions: list[Region] = []
     count = {"detections": 0, "cells": 0, "points": 0, "annotations as nuclei": 0, "plain features": 0,
