@@ -218,3 +218,12 @@ def test_prepare_16bit_folder_refused_in_one_line_then_converted_with_source_bit
     assert DatasetStore.open(out)[0].image.max() > 200
     assert main(["prepare", str(f), str(tmp_path / "t.zarr"), "--bad-vertices", "skip"]) == 2
     assert "--bad-vertices applies to monuseg sources, not 'folder'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("big", [2**31, 2**40, 2**63 + 5])
+def test_label_ids_beyond_int32_are_refused_clearly(tmp_path, big):
+    inst = np.zeros((16, 16), np.uint64)
+    inst[2:6, 2:6] = big
+    f = _folder(tmp_path / "f", inst, np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(FormatError, match=rf"a_0\.tif: instance id {big} exceeds the int32 range.*renumber"):
+        read_folder(f)

@@ -165,6 +165,9 @@ def read_label_image(path: str | Path) -> np.ndarray:
         raise FormatError(path, f"an instance map must hold integers, got dtype {arr.dtype}")
     if arr.size and arr.min() < 0:
         raise FormatError(path, f"instance ids must be >= 0, found {arr.min()}")
+    if arr.size and int(arr.max()) > np.iinfo(np.int32).max:
+        raise FormatError(path, f"instance id {int(arr.max())} exceeds the int32 range (up to {np.iinfo(np.int32).max}); "
+                                "renumber the nuclei 1..N")
     return arr.astype(np.int64)
 
 
