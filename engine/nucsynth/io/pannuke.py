@@ -89,15 +89,16 @@ RELEASE = (0, 1, 2, 3, 4)  # class channels of the released masks.npy; channel 5
 BACKGROUND_FIRST = (1, 2, 3, 4, 5)  # a common re-save puts the background channel first
 
 
-def _is_background(m: np.ndarray, c: int) -> bool:
+def _is_background(m: np.ndarray, nonzero: list[np.ndarray], per_pixel: np.ndarray, c: int) -> bool:
     """Channel ``c`` is a background mask: one nonzero value, set (on >= 99% of pixels)
-    exactly where none of the other five channels holds a nucleus."""
-    ch = m[..., c]
-    vals = np.unique(ch)
-    if vals.size > 2 or not (vals != 0).any():
+    exactly where none of the other five channels holds a nucleus. ``nonzero[c]`` is
+    ``m[..., c] != 0`` and ``per_pixel`` their count (computed once per patch)."""
+    on = nonzero[c]
+    vals = m[..., c][on]
+    if vals.size == 0 or not (vals == vals[0]).all():
         return False
-    others = np.delete(m, c, axis=-1)
-    return float(np.mean((ch != 0) == ~(others != 0).any(axis=-1))) >= 0.99
+    others = (per_pixel - on) > 0
+    return float(np.mean(on != others)) >= 0.99
 
 
 def _verdict(m: np.ndarray) -> str | None:
@@ -108,7 +109,9 @@ def _verdict(m: np.ndarray) -> str | None:
     is set exactly where no other channel, background included, is), the larger one is the
     background, since one nucleus never covers more than the rest of a patch.
     """
-    last, head = _is_background(m, 5), _is_background(m, 0)
+    nonzero = [m[..., c] != 0 for c in range(m.shape[-1])]  # per channel: reducing the last axis is slow
+    per_pixel = np.sum(nonzero, axis=0, dtype=np.uint8)
+    last, head = _is_background(m, nonzero, per_pixel, 5), _is_background(m, nonzero, per_pixel, 0)
     if last and head:
         a5, a0 = int(np.count_nonzero(m[..., 5])), int(np.count_nonzero(m[..., 0]))
         return None if a5 == a0 else ("release" if a5 > a0 else "background-first")
