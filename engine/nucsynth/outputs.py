@@ -156,8 +156,14 @@ def replace_path(tmp: str | Path, path: str | Path, overwrite: bool) -> None:
         if tmp.is_dir():
             os.rename(tmp, path)  # fails if another process created a non-empty folder meanwhile
         else:
-            os.link(tmp, path)  # refuses an existing file: never a silent overwrite
-            os.unlink(tmp)
+            try:
+                os.link(tmp, path)  # refuses an existing file: never a silent overwrite
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                os.rename(tmp, path)  # a file system without hard links
+            else:
+                os.unlink(tmp)
     elif not tmp.is_dir() and not path.is_dir():
         os.replace(tmp, path)  # atomic for files
     elif _exchange(tmp, path):

@@ -175,11 +175,14 @@ class _WriterLock:
     sees no extra file). Released by :meth:`release` or when the process dies."""
 
     def __init__(self, path: Path, wait: bool | float = False) -> None:
-        import fcntl
         import time
 
         self.path = path
         self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # Windows: folders cannot be flock'ed there; no writer lock (docs/formats.md)
+            return
         deadline = None if wait is True or wait is False else time.monotonic() + float(wait)
         while True:
             try:
