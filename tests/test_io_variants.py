@@ -227,3 +227,18 @@ def test_label_ids_beyond_int32_are_refused_clearly(tmp_path, big):
     f = _folder(tmp_path / "f", inst, np.zeros((16, 16, 3), np.uint8))
     with pytest.raises(FormatError, match=rf"a_0\.tif: instance id {big} exceeds the int32 range.*renumber"):
         read_folder(f)
+
+
+def test_folder_class_csv_as_spreadsheets_save_it(tmp_path):
+    inst = np.zeros((16, 16), np.uint16)
+    inst[2:6, 2:6], inst[9:12, 9:14] = 4, 7
+    img = np.zeros((16, 16, 3), np.uint8)
+    semi = "\ufeffImage;ID;Class\r\na_0;4;spindle\r\na_0;7;other\r\n"  # a ';' locale, capitalized header
+    (s,) = read_folder(_folder(tmp_path / "a", inst, img, csv_bytes=semi.encode("utf-8")))
+    assert s.layout.classes.tolist() == [4, 1]
+    tab = "image\tid\tclass\na_0\t4\tspindle\na_0\t7\tother\n"
+    (t,) = read_folder(_folder(tmp_path / "b", inst, img, csv=tab))
+    assert t.layout.classes.tolist() == [4, 1]
+    latin = "image,id,class\na_0,4,spindle\na_0,7,Ühm\n".encode("cp1252")  # "CSV (comma delimited)" of Windows
+    with pytest.raises(FormatError, match=r"classes\.csv: not a UTF-8 text file.*save it as CSV UTF-8"):
+        read_folder(_folder(tmp_path / "c", inst, img, csv_bytes=latin))

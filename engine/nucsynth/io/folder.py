@@ -6,7 +6,9 @@ Layout::
     <folder>/labels/<name>.<tif|tiff|png>      instance map: 0 background, ids >= 1
     <folder>/classes.csv                       optional; header ``image,id,class``
 
-The CSV is UTF-8, with or without a byte-order mark (as spreadsheet programs save it).
+The CSV is UTF-8, with or without a byte-order mark, separated by commas, semicolons or
+tabs (whichever the header line uses), header names in any case: as spreadsheet programs
+save it.
 ``image`` is the image name without suffix (``<name>``), ``id`` an instance id of its
 label image, ``class`` a class name of ``class_set`` (case-insensitive) or an integer id.
 Without the CSV every nucleus has class 0 (unknown). Ids with gaps are renumbered 1..N in
@@ -26,6 +28,7 @@ see :func:`nucsynth.io._common.tile_of`).
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -54,26 +57,29 @@ _PALETTE = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
 def _read_csv(path: Path) -> dict[str, dict[int, str]]:
     table: dict[str, dict[int, str]] = {}
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet programs write a BOM
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not {"image", "id", "class"} <= {h.strip() for h in reader.fieldnames}:
-                raise FormatError(path, f"header must hold the columns image,id,class; got {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-                try:
-                    nid = int(row["id"])
-                except ValueError:
-                    raise FormatError(path, f"line {line}: id {row['id']!r} is not an integer") from None
-                if nid < 1:
-                    raise FormatError(path, f"line {line}: id must be >= 1, got {nid}")
-                if not row["class"]:
-                    raise FormatError(path, f"line {line}: empty class")
-                per = table.setdefault(row["image"], {})
-                if nid in per:
-                    raise FormatError(path, f"line {line}: image {row['image']!r} id {nid} is listed twice")
-                per[nid] = row["class"]
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet programs write a byte-order mark
     except UnicodeDecodeError as e:
-        raise FormatError(path, f"not a UTF-8 text file: {e}") from None
+        raise FormatError(path, f"not a UTF-8 text file ({e}); save it as CSV UTF-8") from None
+    # Spreadsheets in many locales separate fields by ';' (or tabs): the header line tells.
+    head = text.split("\n", 1)[0]
+    delimiter = next((d for d in (",", ";", "\t") if d in head), ",")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames is None or not {"image", "id", "class"} <= {h.strip().lower() for h in reader.fieldnames}:
+        raise FormatError(path, f"header must hold the columns image,id,class; got {reader.fieldnames}")
+    for line, row in enumerate(reader, start=2):
+        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+        try:
+            nid = int(row["id"])
+        except ValueError:
+            raise FormatError(path, f"line {line}: id {row['id']!r} is not an integer") from None
+        if nid < 1:
+            raise FormatError(path, f"line {line}: id must be >= 1, got {nid}")
+        if not row["class"]:
+            raise FormatError(path, f"line {line}: empty class")
+        per = table.setdefault(row["image"], {})
+        if nid in per:
+            raise FormatError(path, f"line {line}: image {row['image']!r} id {nid} is listed twice")
+        per[nid] = row["class"]
     return table
 
 
