@@ -45,6 +45,7 @@ from napari_nucsynth._layers import (
     broken_layouts,
     class_names,
     find_layout_names,
+    free_origin,
     layers_to_layout,
     remove_layers,
     role_of,
@@ -59,29 +60,11 @@ from nucsynth.layout import (
     relabel_contiguous,
 )
 
-__all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL", "rare_pool", "proposal_summary"]
+__all__ = ["DesignerWidget", "CLASS_SETS", "PROPOSAL", "proposal_summary"]
 
 CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (CONSEP_CLASSES, PANNUKE_CLASSES, LIZARD_CLASSES, NUCLEUS_CLASSES)}
 PROPOSAL = "proposal"  # suffix of the layout name of a pending proposal
 GAP = 16.0  # px between layouts placed side by side
-_POOL_SHAPES = 64  # the least number of rare-class shapes offered to DiffMix balancing
-
-
-def rare_pool(layouts: list[Layout], seed: int = 0, least: int = _POOL_SHAPES) -> list[np.ndarray]:
-    """Rare-class nucleus shapes for DiffMix balancing: those of ``layouts``
-    (``nucsynth.edit.balance.collect_rare_pool``), topped up to ``least`` with shapes drawn
-    from the rare class' statistics measured on real data (``nucsynth.generate``)."""
-    from nucsynth.edit.balance import collect_rare_pool
-    from nucsynth.generate.layouts import nucleus_shape
-    from nucsynth.generate.stats import stats_for_class
-
-    pool = collect_rare_pool(layouts)
-    cs = layouts[0].class_set
-    if len(pool) < least and cs.rare is not None:
-        rng = np.random.default_rng(seed)
-        stats = stats_for_class(cs, cs.rare)
-        pool += [nucleus_shape(stats, rng) for _ in range(least - len(pool))]
-    return pool
 
 
 def proposal_summary(before: Layout, after: Layout) -> str:
@@ -455,14 +438,9 @@ class DesignerWidget(QWidget):
         self.undo_btn.setEnabled(ctrl is not None and ctrl.can_undo and not self.busy)
         self.redo_btn.setEnabled(ctrl is not None and ctrl.can_redo and not self.busy)
 
-    def _free_origin(self) -> tuple[float, float]:
-        """Where a new layout goes: right of everything in the viewer (the origin if empty)."""
-        right = [float(ly.extent.world[1][-1]) for ly in self.viewer.layers if ly.ndim >= 2]
-        return (0.0, max(right) + GAP) if right else (0.0, 0.0)
-
     def _show_new(self, layout: Layout, name: str, translate: tuple[float, float] | None = None) -> LayoutLayers:
         ctrl = LayoutLayers.show(self.viewer, layout, name, selected_class=self._palette_class(),
-                                 translate=self._free_origin() if translate is None else translate)
+                                 translate=free_origin(self.viewer, GAP) if translate is None else translate)
         self._on_layers_changed()
         self.bind(ctrl)
         return ctrl
@@ -851,6 +829,7 @@ class DesignerWidget(QWidget):
 def _balance(layout: Layout, pool_from: list[Layout], target: float, seed: int, border: int,
              pick: float) -> tuple[Layout, Any, np.ndarray]:
     from nucsynth.edit.balance import balance_layout_report
+    from nucsynth.edit.pool import rare_pool
     from nucsynth.edit.region import edited_region
 
     with warnings.catch_warnings():

@@ -50,6 +50,8 @@ __all__ = [
     "find_layout_names",
     "broken_layouts",
     "remove_layers",
+    "free_origin",
+    "unused_name",
     "LayoutLayers",
 ]
 
@@ -401,6 +403,21 @@ def remove_layers(viewer: Any, layers: Iterable[Any]) -> None:
                 viewer.layers.remove(layer)
     finally:
         gc.unfreeze()
+
+
+def free_origin(viewer: Any, gap: float = 16.0) -> tuple[float, float]:
+    """Where a new layout goes in ``viewer``'s world: right of every layer, ``gap`` px apart
+    (the origin when the viewer is empty), so nothing lands on top of open layers."""
+    right = [float(ly.extent.world[1][-1]) for ly in viewer.layers if ly.ndim >= 2]
+    return (0.0, max(right) + gap) if right else (0.0, 0.0)
+
+
+def unused_name(viewer: Any, base: str) -> str:
+    """``base``, or ``base 1``, ``base 2``... : a layout name none of whose layers exist."""
+    name, i = base, 1
+    while any(f"{name} {r}" in viewer.layers for r in (*ROLES, "image")):
+        name, i = f"{base} {i}", i + 1
+    return name
 
 
 def _undo_key(layer: Any) -> None:

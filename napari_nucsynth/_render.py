@@ -27,66 +27,46 @@ import numpy as np
 from napari_nucsynth._jobs import Job, engine_steps
 from nucsynth.edit.region import edited_region
 from nucsynth.layout import Layout, Sample
+from nucsynth.synthesize import DIFFMIX_STRENGTH, SAMPLERS, SynthesisOptions, option_fields
 
 __all__ = [
     "MODES",
     "RenderParams",
     "render_steps",
     "edited_region",
-    "load_model",
     "available_devices",
     "SpeedLog",
     "RenderWidget",
 ]
 
 MODES = ("render", "restyle", "region")
-SAMPLERS = ("dpm++2m", "ddim", "ancestral")
-
-
 LONG_RENDER_S = 120.0  # estimates above this get a warning before the render starts
+_DEFAULTS = {f.name: f.default for f in option_fields()}
 
 
 @dataclass
 class RenderParams:
-    """What a render needs besides the layout (all of it is kept in the layer metadata)."""
+    """What a render needs besides the layout (all of it is kept in the layer metadata).
+    Defaults are the engine's (:class:`nucsynth.synthesize.SynthesisOptions`); ``guidance``
+    None = the model's own default; ``strength`` is used by mode ``restyle`` only."""
 
     checkpoint: str
     mode: str = "render"
-    steps: int = 20
-    guidance: float = 0.5
-    seed: int = 0
-    strength: float = 0.55
-    sampler: str = "dpm++2m"
+    steps: int = _DEFAULTS["steps"]
+    guidance: float | None = _DEFAULTS["guidance"]
+    seed: int = _DEFAULTS["seed"]
+    strength: float = DIFFMIX_STRENGTH
+    sampler: str = _DEFAULTS["sampler"]
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"render mode must be one of {MODES}, got {self.mode!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if int(self.steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 < float(self.strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        self.options()  # the engine checks the rest
 
-
-_MODELS: dict[tuple[str, str], Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def load_model(checkpoint: str | Path, device: Any = None) -> Any:
-    """The model family of ``checkpoint`` on ``device`` (default: the engine's pick), cached."""
-    from nucsynth.checkpoint import find_checkpoint, load_checkpoint
-    from nucsynth.device import pick_device
-
-    dev = pick_device(None if device is None else str(device))
-    path = str(find_checkpoint(checkpoint).resolve())
-    key = (path, str(dev))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            model, _ = load_checkpoint(path, dev)
-            _MODELS.clear()  # keep one model in memory
-            _MODELS[key] = model
-        return _MODELS[key]
+    def options(self) -> SynthesisOptions:
+        """The engine's options for this render (strength only for ``restyle``)."""
+        return SynthesisOptions(steps=self.steps, sampler=self.sampler, guidance=self.guidance, seed=self.seed,
+                                strength=self.strength if self.mode == "restyle" else None)
 
 
 def available_devices() -> list[str]:
@@ -121,50 +101,46 @@ SPEED = SpeedLog()
 
 
 def render_steps(
-    model: Any,
+    synth: Any,
     layout: Layout,
     params: RenderParams,
     init_image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     cancel: threading.Event | None = None,
-) -> Generator[tuple[int, int], None, Sample | Layout | None]:
-    """Yield ``(step, total)`` while the engine works on ``layout``; return the result, or
-    None when ``cancel`` was set.
+) -> Generator[tuple[int, int], None, Sample | None]:
+    """Yield ``(step, total)`` while ``synth`` (a :class:`nucsynth.synthesize.Synthesizer`)
+    renders ``layout``; return the Sample, or None when ``cancel`` was set.
 
-    By family: ``semantic`` renders the layout (a Sample; every mode); ``joint`` generates
-    image and nuclei from the layout's centroids and classes (a Sample whose layout is the
-    model's; mode ``render``); ``structure`` generates a new layout of the canvas size
-    (a Layout, no image; mode ``render``).
+    By family: ``semantic`` renders the layout (every mode); ``joint`` generates image and
+    nuclei from the layout's centroids and classes (mode ``render``; the Sample's layout is
+    the model's); ``structure`` generates a new layout of the canvas size and renders it with
+    its stage-2 image model (mode ``render``). The sample equals item 0 of ``nucsynth
+    synthesize`` with the same checkpoint, layout and options.
     """
-    family = getattr(model, "name", "")
+    from nucsynth.generate.layouts import points_from_labels
+    from nucsynth.synthesize import Item
+
+    family = synth.family
     if family in ("joint", "structure") and params.mode != "render":
         raise ValueError(f"a {family!r} model only supports mode 'render' (restyle and region need a semantic model)")
-    kwargs: dict[str, Any] = {}
-    if params.mode in ("restyle", "region"):
-        if init_image is None:
-            raise ValueError(f"mode {params.mode!r} needs an image to start from")
-        kwargs["init_image"] = init_image
-    if params.mode == "restyle":
-        kwargs["strength"] = params.strength
-    if params.mode == "region":
-        if mask is None:
-            raise ValueError("mode 'region' needs the mask of the edited region")
-        kwargs["mask"] = mask
-
-    def call(progress: Callable[[int, int], None]) -> Sample | Layout:
-        if family == "structure":
-            raw = model.sample_structures(1, size=layout.shape, steps=params.steps, seed=params.seed,
-                                          sampler=params.sampler, progress=progress)
-            return model.to_layout(raw[0])
-        return model.sample(layout, steps=params.steps, guidance=params.guidance, seed=params.seed,
-                            sampler=params.sampler, progress=progress, **kwargs)[0]
-
-    return (yield from engine_steps(call, cancel))
+    if params.mode in ("restyle", "region") and init_image is None:
+        raise ValueError(f"mode {params.mode!r} needs an image to start from")
+    if params.mode == "region" and mask is None:
+        raise ValueError("mode 'region' needs the mask of the edited region")
+    opts = synth.resolve(params.options(), has_images=params.mode == "restyle")
+    if family == "structure":
+        item = Item(0, opts.seed, None, size=layout.shape)
+    elif family == "joint":
+        item = Item(0, opts.seed, points_from_labels(layout))
+    else:
+        item = Item(0, opts.seed, layout, init_image=init_image if params.mode != "render" else None,
+                    mask=None if mask is None else mask.astype(np.float32))
+    return (yield from engine_steps(lambda progress: synth.render([item], opts, progress)[0], cancel))
 
 
 def render_metadata(sample: Sample, params: RenderParams, layout_name: str, family: str) -> dict[str, Any]:
     """The layer metadata of a rendered image: model, seed and every parameter."""
-    prov = {k: v for k, v in sample.provenance.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    prov = {k: v for k, v in sample.provenance.items() if isinstance(v, (str, int, float, bool, type(None), dict))}
     return {
         "nucsynth": {
             "role": "render",
@@ -172,6 +148,7 @@ def render_metadata(sample: Sample, params: RenderParams, layout_name: str, fami
             "family": family,
             "model": prov.get("model"),
             "checkpoint": params.checkpoint,
+            "checkpoint_sha256": prov.get("checkpoint_sha256"),
             "seed": params.seed,
             **{k: v for k, v in asdict(params).items() if k not in ("checkpoint", "seed")},
             "provenance": prov,
@@ -196,6 +173,7 @@ from qtpy.QtWidgets import (  # noqa: E402  (the engine part above is usable wit
 )
 
 from napari_nucsynth._layers import LayoutLayers, find_layout_names, role_of  # noqa: E402
+from napari_nucsynth._widgets import optional_spin, optional_value  # noqa: E402
 
 
 class RenderWidget(QWidget):
@@ -242,22 +220,24 @@ class RenderWidget(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("restyle: the RGB image partially noised to 'strength', then denoised under the layout")
         form.addRow("Restyle image", self.image_combo)
-        self.steps_spin = QSpinBox(minimum=1, maximum=1000, value=20)
+        self.steps_spin = QSpinBox(minimum=1, maximum=1000, value=_DEFAULTS["steps"])
         self.steps_spin.setToolTip("sampler steps: more is slower and (up to a point) better")
         self.steps_spin.valueChanged.connect(self._update_estimate)
         form.addRow("Steps", self.steps_spin)
-        self.guidance_spin = QDoubleSpinBox(minimum=0.0, maximum=20.0, value=0.5, singleStep=0.1)
-        self.guidance_spin.setToolTip("classifier-free guidance, engine convention eps_c + s (eps_c - eps_u); "
-                                      "0 = off (one network pass per step instead of two)")
+        self.guidance_spin = optional_spin(0.0, 20.0, _DEFAULTS["guidance"], 0.1, "model default",
+                                           "classifier-free guidance, engine convention eps_c + s (eps_c - eps_u); "
+                                           "0 = off (one network pass per step instead of two); model default: "
+                                           "the family's, 0 for a model that never learned the null condition")
         form.addRow("Guidance", self.guidance_spin)
         self.seed_spin = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.seed_spin.setToolTip("same seed, layout, model and settings give the same image")
         form.addRow("Seed", self.seed_spin)
-        self.strength_spin = QDoubleSpinBox(minimum=0.01, maximum=1.0, value=0.55, singleStep=0.05)
+        self.strength_spin = QDoubleSpinBox(minimum=0.01, maximum=1.0, value=DIFFMIX_STRENGTH, singleStep=0.05)
         self.strength_spin.setToolTip("restyle: how far the image is noised (0.55 = DiffMix)")
         form.addRow("Strength", self.strength_spin)
         self.sampler_combo = QComboBox()
         self.sampler_combo.addItems(list(SAMPLERS))
+        self.sampler_combo.setCurrentText(_DEFAULTS["sampler"])
         self.sampler_combo.setToolTip("dpm++2m: few steps suffice; ddim; ancestral: the slowest")
         form.addRow("Sampler", self.sampler_combo)
         root.addLayout(form)
@@ -428,7 +408,7 @@ class RenderWidget(QWidget):
             checkpoint=self.ckpt_edit.text().strip(),
             mode=mode or self.mode_combo.currentText(),
             steps=self.steps_spin.value(),
-            guidance=self.guidance_spin.value(),
+            guidance=optional_value(self.guidance_spin),
             seed=self.seed_spin.value(),
             strength=self.strength_spin.value(),
             sampler=self.sampler_combo.currentText(),
@@ -518,11 +498,13 @@ class RenderWidget(QWidget):
 
     @staticmethod
     def _job(params: RenderParams, layout: Layout, init: Any, mask: Any, device: str, cancel: threading.Event):
-        """Worker body: load the model (cached), then render step by step."""
+        """Worker body: load the checkpoint (cached by the engine), then render step by step."""
+        from nucsynth.synthesize import get_synthesizer
+
         yield (0, params.steps)
-        model = load_model(params.checkpoint, device)
-        made = yield from render_steps(model, layout, params, init, mask, cancel)
-        return None if made is None else (made, getattr(model, "name", "?"))
+        synth = get_synthesizer(params.checkpoint, device)
+        made = yield from render_steps(synth, layout, params, init, mask, cancel)
+        return None if made is None else (made, synth.family)
 
     # ------------------------------------------------------------------ worker handlers (main thread)
     def _on_progress(self, item: tuple[int, int], clock: dict[str, Any], params: RenderParams, layout: Layout,

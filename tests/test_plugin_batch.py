@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 from test_plugin_render import one_torch_thread, tiny_checkpoint  # noqa: E402,F401  (shared fixtures)
 
 from napari_nucsynth._batch import BatchParams, batch_steps  # noqa: E402
+from nucsynth.synthesize import SynthesisOptions, partial_path  # noqa: E402
 
 
 def _drain(gen):
@@ -25,11 +26,12 @@ def _drain(gen):
         return done.value, seen
 
 
-def _params(ckpt: Path, out: Path, **kw) -> BatchParams:
-    base = dict(checkpoint=str(ckpt), out=str(out), source="generator", count=3, size=32, steps=2,
-                batch_size=2, seed=5, mode="layout")
-    base.update(kw)
-    return BatchParams(**base)
+def _params(ckpt: Path, out: Path, source: str = "generator", source_path: str = "", count: int = 3,
+            **options) -> BatchParams:
+    opts = dict(steps=2, batch_size=2, seed=5, mode="layout")
+    opts.update(options)
+    return BatchParams(checkpoint=str(ckpt), out=str(out), source=source, source_path=source_path, count=count,
+                       size=32, options=SynthesisOptions(**opts))
 
 
 def test_batch_is_resumable_and_deterministic(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -44,9 +46,9 @@ def test_batch_is_resumable_and_deterministic(tiny_checkpoint: Path, tmp_path: P
     cancel = threading.Event()
     gen = batch_steps(_params(tiny_checkpoint, tmp_path / "part.zarr"), cancel)
     for done, _ in gen:
-        if done >= 666:  # the first batch (2 of 3) is in the store
+        if done > 700:  # the first batch (2 of 3) is in the store, the second in flight
             cancel.set()
-    assert len(DatasetStore.open(tmp_path / "part.zarr")) == 2
+    assert len(DatasetStore.open(partial_path(tmp_path / "part.zarr"))) == 2
     resumed, _ = _drain(batch_steps(_params(tiny_checkpoint, tmp_path / "part.zarr")))
     assert resumed["skipped"] == 2 and resumed["written"] == 1 and resumed["total"] == 3
     part = DatasetStore.open(tmp_path / "part.zarr")
@@ -54,9 +56,13 @@ def test_batch_is_resumable_and_deterministic(tiny_checkpoint: Path, tmp_path: P
         assert np.array_equal(part[i].image, ref[i].image)
         assert part[i].layout.equals(ref[i].layout)
 
-    # other settings on the same store are refused, naming what differs
+    # other settings on an unfinished store are refused, naming what differs
+    cancel = threading.Event()
+    for done, _ in batch_steps(_params(tiny_checkpoint, tmp_path / "other.zarr"), cancel):
+        if done > 700:
+            cancel.set()
     with pytest.raises(ValueError, match="seed"):
-        _drain(batch_steps(_params(tiny_checkpoint, tmp_path / "part.zarr", seed=6)))
+        _drain(batch_steps(_params(tiny_checkpoint, tmp_path / "other.zarr", seed=6)))
 
 
 def test_balance_mode_from_a_store_starts_from_its_images(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -70,7 +76,7 @@ def test_balance_mode_from_a_store_starts_from_its_images(tiny_checkpoint: Path,
                                             source_path=str(tmp_path / "src.zarr"), mode="enlarge", count=2)))
     out = DatasetStore.open(tmp_path / "bal.zarr")
     assert len(out) == 2 and summary["total"] == 2
-    assert out[0].provenance["strength"] == pytest.approx(0.55) and out[0].provenance["mode"] == "enlarge"
+    assert out[0].provenance["options"]["strength"] == pytest.approx(0.55) and out[0].provenance["mode"] == "enlarge"
 
 
 @pytest.mark.gui
@@ -93,4 +99,4 @@ def test_batch_dock_runs_and_summarises(make_napari_viewer, qtbot, tiny_checkpoi
     dock.out_edit.setText(str(tmp_path))  # an existing folder that is not a store
     dock.run_btn.click()
     qtbot.waitUntil(lambda: not dock.running, timeout=60000)
-    assert dock.last_error and "not a NucSynth dataset store" in dock.last_error
+    assert dock.last_error and "already exists" in dock.last_error

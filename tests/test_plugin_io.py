@@ -178,3 +178,39 @@ def _check_rendered_sample(monkeypatch, resolve_checkpoint) -> None:
     assert meta["role"] == "render" and meta["checkpoint"] == str(ckpt) and meta["seed"] == 0
     lay = layers_to_layout(v.layers["rendered instances"], v.layers["rendered centroids"])
     assert img.data.shape == (*lay.shape, 3) and lay.num_nuclei > 0
+
+
+@pytest.mark.gui
+def test_rendered_sample_data_renders_off_the_main_thread(make_napari_viewer, qtbot, monkeypatch) -> None:
+    """In napari the layout appears at once, beside the open layers, and the image is added
+    under it by a worker: the sample-data call itself runs no diffusion."""
+    torch = pytest.importorskip("torch")
+    import time
+
+    from nucsynth.checkpoint import resolve_checkpoint
+
+    monkeypatch.delenv("NUCSYNTH_CHECKPOINT", raising=False)
+    try:
+        resolve_checkpoint(None)
+    except FileNotFoundError as e:
+        pytest.skip(f"no default model installed: {e}")
+    from napari_nucsynth._sample_data import _RUNNING, rendered_tissue
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="open", rgb=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        tuples = rendered_tissue(steps=2)
+        assert [k for _, _, k in tuples] == ["labels", "labels", "points"]  # no image yet: it renders in a worker
+        assert _RUNNING and time.perf_counter() - t0 < 5
+        _add(viewer, tuples)
+        assert viewer.layers["rendered instances"].translate[1] >= 50  # beside what was open
+        qtbot.waitUntil(lambda: not _RUNNING, timeout=120000)
+    finally:
+        torch.set_num_threads(threads)
+    names = [ly.name for ly in viewer.layers]
+    assert names.index("rendered image") < names.index("rendered instances")
+    img = viewer.layers["rendered image"]
+    assert img.metadata["nucsynth"]["role"] == "render" and img.data.shape[:2] == viewer.layers["rendered instances"].data.shape

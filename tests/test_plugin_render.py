@@ -195,24 +195,27 @@ def _run(gen):
         return done.value
 
 
-@pytest.mark.parametrize("family", ["joint", "structure"])
-def test_label_making_families_render_their_own_nuclei(family: str) -> None:
-    """Joint models return a Sample with their own nuclei; structure models a new Layout."""
+def test_joint_models_render_their_own_nuclei_and_structure_needs_its_image_model(tmp_path: Path) -> None:
+    """A joint checkpoint renders a Sample with its own nuclei from the layout's points; a
+    structure checkpoint without its stage-2 image model is refused with the engine's words."""
     from napari_nucsynth._render import RenderParams, render_steps
+    from nucsynth.checkpoint import save_checkpoint
     from nucsynth.generate.layouts import random_layout
-    from nucsynth.layout import Layout, Sample
+    from nucsynth.layout import Sample
     from nucsynth.models.base import get_family
+    from nucsynth.synthesize import get_synthesizer
 
     torch.manual_seed(0)
     layout = random_layout((SIZE, SIZE), seed=3)
-    model = get_family(family).from_preset("tiny", image_size=SIZE, class_set=layout.class_set)
-    model.net = model.build_network().eval()
-    params = RenderParams(checkpoint="(in memory)", steps=2, seed=1)
-    made = _run(render_steps(model, layout, params))
-    if family == "joint":
-        assert isinstance(made, Sample) and made.image.shape == (SIZE, SIZE, 3)
-        assert made.layout.num_nuclei == layout.num_nuclei  # one nucleus per given point
-    else:
-        assert isinstance(made, Layout) and made.shape == (SIZE, SIZE)
+    ckpts = {}
+    for family in ("joint", "structure"):
+        model = get_family(family).from_preset("tiny", image_size=SIZE, class_set=layout.class_set)
+        ckpts[family] = save_checkpoint(tmp_path / family, model, model.build_network().eval(), step=0)
+    synth = get_synthesizer(ckpts["joint"], "cpu")
+    made = _run(render_steps(synth, layout, RenderParams(checkpoint=str(ckpts["joint"]), steps=2, seed=1)))
+    assert isinstance(made, Sample) and made.image.shape == (SIZE, SIZE, 3)
+    assert made.layout.num_nuclei == layout.num_nuclei  # one nucleus per given point
     with pytest.raises(ValueError, match="only supports mode 'render'"):
-        _run(render_steps(model, layout, RenderParams(checkpoint="x", mode="restyle"), init_image=None))
+        _run(render_steps(synth, layout, RenderParams(checkpoint="x", mode="restyle"), init_image=None))
+    with pytest.raises(ValueError, match="image checkpoint"):
+        get_synthesizer(ckpts["structure"], "cpu")

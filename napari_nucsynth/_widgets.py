@@ -1,0 +1,23 @@
+"""Small Qt helpers shared by the docks (no engine, no layers)."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QDoubleSpinBox
+
+__all__ = ["optional_spin", "optional_value"]
+
+
+def optional_spin(minimum: float, maximum: float, default: float | None, step: float, none_text: str,
+                  tooltip: str) -> QDoubleSpinBox:
+    """A float spin box whose lowest position means "unset" (shown as ``none_text``): the
+    engine then picks its own default. ``default`` None starts there."""
+    spin = QDoubleSpinBox(minimum=minimum - step, maximum=maximum, singleStep=step, decimals=2)
+    spin.setSpecialValueText(none_text)
+    spin.setValue(spin.minimum() if default is None else default)
+    spin.setToolTip(tooltip)
+    return spin
+
+
+def optional_value(spin: QDoubleSpinBox) -> float | None:
+    """The spin box's value, or None at its "unset" position."""
+    return None if spin.value() <= spin.minimum() else float(spin.value())
