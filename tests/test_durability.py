@@ -237,7 +237,8 @@ def test_two_writers_end_with_every_sample_or_one_clear_refusal(tmp_path, wait):
 
 
 # ---------------------------------------------------------------------- crash points
-def test_a_store_whose_first_append_was_cut_can_be_appended_to(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["between the two array creations", "after the first resize"])
+def test_a_store_whose_first_append_was_cut_can_be_appended_to(tmp_path, monkeypatch, where):
     import nucsynth.io.store as store_mod
 
     p = tmp_path / "s.zarr"
@@ -245,8 +246,11 @@ def test_a_store_whose_first_append_was_cut_can_be_appended_to(tmp_path, monkeyp
     real = store_mod.DatasetStore._write_batch
 
     def cut(self, batch, labels, n, m):
-        self._ensure_patch_arrays(batch[0].layout.shape)
-        self._group["inst_maps"].resize((1, 48, 48))
+        if where.startswith("between"):
+            self._group.create_array("images", shape=(0, 48, 48, 3), chunks=(1, 48, 48, 3), dtype="uint8")
+        else:
+            self._ensure_patch_arrays(batch[0].layout.shape)
+            self._group["inst_maps"].resize((1, 48, 48))
         raise RuntimeError("cut")  # stopped right after the first array operations
 
     monkeypatch.setattr(store_mod.DatasetStore, "_write_batch", cut)
@@ -255,7 +259,8 @@ def test_a_store_whose_first_append_was_cut_can_be_appended_to(tmp_path, monkeyp
     st.close()
     monkeypatch.setattr(store_mod.DatasetStore, "_write_batch", real)
     assert len(DatasetStore.open(p)) == 0 and DatasetStore.open(p).patch_shape is None
-    more = make_samples(3, shape=(56, 56))  # even another patch size: nothing was committed
+    # the same patch size, or even another one: nothing was committed
+    more = make_samples(3, shape=(48, 48) if where.startswith("between") else (56, 56))
     with DatasetStore.open(p, mode="a") as again:
         again.append(more)
     for a, b in zip(more, DatasetStore.open(p)):
