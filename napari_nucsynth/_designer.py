@@ -203,6 +203,17 @@ class DesignerWidget(QWidget):
         self.from_image_btn.setToolTip("a layout over the chosen image; the chosen labels layer (if any) gives its nuclei")
         self.from_image_btn.clicked.connect(self.start_from_image)
         form.addRow(self.from_image_btn)
+        row = QHBoxLayout()
+        self.patch_spin = QSpinBox(minimum=0, maximum=10_000_000, value=0)
+        self.patch_spin.setToolTip("the patch of the opened multi-patch store or dataset (follows its slider)")
+        self.open_patch_btn = QPushButton("Open patch for editing")
+        self.open_patch_btn.setToolTip("an editable layout (with its image) of this patch of the opened store or "
+                                       "dataset, placed beside the open layers")
+        self.open_patch_btn.clicked.connect(self.open_patch)
+        row.addWidget(self.patch_spin)
+        row.addWidget(self.open_patch_btn)
+        form.addRow("Patch", row)
+        self.viewer.dims.events.current_step.connect(self._follow_slider)
         return box
 
     def _palette_group(self) -> QGroupBox:
@@ -458,6 +469,41 @@ class DesignerWidget(QWidget):
 
         self.status.setText(text)
         (show_error if error else show_info)(text)
+
+    # ------------------------------------------------------------------ stores
+    def _stack(self) -> Any:
+        """The instances stack of an opened multi-patch store or dataset (the selected one
+        if several), or None."""
+        stacks = [ly for ly in self.viewer.layers if role_of(ly) == "stack-instances"]
+        active = self.viewer.layers.selection.active
+        return active if active in stacks else (stacks[-1] if stacks else None)
+
+    def _follow_slider(self, event: Any = None) -> None:
+        step = self.viewer.dims.current_step
+        if self._stack() is not None and len(step) > 2:
+            self.patch_spin.setValue(int(step[0]))
+
+    @_notify_errors
+    def open_patch(self) -> None:
+        """Open patch ``Patch`` of the opened store or dataset as an editable layout."""
+        from napari_nucsynth._layers import META, sample_to_layers, unused_name
+        from napari_nucsynth._reader import read_patch
+
+        stack = self._stack()
+        if stack is None:
+            raise ValueError("open a store or dataset of several patches first (File > Open): its patches show as a "
+                             "stack, and Open patch makes one of them editable")
+        meta = stack.metadata[META]
+        i = self.patch_spin.value()
+        sample = read_patch(meta, i)
+        name = unused_name(self.viewer, f"{meta['layout']} #{i}")
+        translate = free_origin(self.viewer, GAP)
+        for data, kwargs, kind in sample_to_layers(sample, name):
+            getattr(self.viewer, f"add_{kind}")(data, **{**kwargs, "translate": translate})
+        self._on_layers_changed()
+        self.bind(LayoutLayers.attach(self.viewer, name))
+        self._tell(f"patch {i} of {meta.get('store') or meta.get('source')} opened as {name!r}: "
+                   f"{sample.layout.num_nuclei} nuclei")
 
     # ------------------------------------------------------------------ history / repair
     @_notify_errors

@@ -1,9 +1,14 @@
-"""napari reader: CoNSeP/HoVer-Net ``.mat``, MoNuSeg XML, QuPath GeoJSON and NucSynth stores.
+"""napari reader: every layout source the engine reads (``nucsynth.io.sources``): CoNSeP /
+Lizard ``.mat`` files and folders, MoNuSeg XML, QuPath GeoJSON, PanNuke, plain image+label
+folders and NucSynth stores.
 
-Every format is read by ``nucsynth.io``; this module only turns the Samples and Layouts it
-returns into layers (:mod:`napari_nucsynth._layers`). A dataset store with one patch opens
-as an editable layout; a larger store opens as lazy stacks (images, instances, classes) to
-browse.
+Formats are told apart by the engine (:func:`nucsynth.io.sources.source_kind`); this module
+only turns what it reads into layers (:mod:`napari_nucsynth._layers`): one editable layout
+(image + instances + classes + centroids) per patch for a few patches, lazy browse-only
+stacks (images, instances, classes) for a store or dataset of many; the Layout designer's
+*Open patch* makes any patch of a stack an editable layout. An error while reading is shown
+in napari's notification as the engine's one-line message (what, where, what was expected)
+before napari reports the failure.
 """
 
 from __future__ import annotations
@@ -14,23 +19,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from napari_nucsynth._layers import META, class_colormap, layout_to_layers, sample_to_layers
+from napari_nucsynth._layers import META, class_colormap, instance_colormap, layout_to_layers, sample_to_layers
 
-__all__ = ["get_reader", "read_paths", "format_of", "store_layers"]
+__all__ = ["get_reader", "read_paths", "format_of", "store_layers", "source_layers", "read_patch", "MAX_LAYOUTS"]
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
-_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")  # an image beside a GeoJSON, same stem
-
-
-def _is_store(path: Path) -> bool:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
-    try:
-        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return isinstance(attrs, dict) and "nucsynth_store" in attrs
+MAX_LAYOUTS = 4  # more patches than this open as browse-only stacks
 
 
 def _head(path: Path) -> str:
@@ -42,18 +36,22 @@ def _head(path: Path) -> str:
 
 
 def format_of(path: str | Path) -> str | None:
-    """Which NucSynth format ``path`` holds ("consep", "monuseg", "geojson", "store"), or None."""
+    """What NucSynth reads at ``path`` ("store", "consep", "lizard", "monuseg", "geojson",
+    "folder", "pannuke"), or None when it is not a NucSynth format (another reader's file,
+    a point CSV that needs a canvas size, a missing path)."""
+    from nucsynth.io.sources import source_kind
+
     p = Path(path)
-    if p.is_dir():
-        return "store" if _is_store(p) else None
     suffix = p.suffix.lower()
-    if suffix == ".mat":
-        return "consep"
-    if suffix == ".xml" and "<Annotation" in _head(p):  # MoNuSeg / Aperio ImageScope XML
-        return "monuseg"
-    if suffix == ".geojson" or (suffix == ".json" and '"Feature' in _head(p)):
-        return "geojson"
-    return None
+    if p.is_file() and suffix == ".json" and '"Feature' not in _head(p):  # any JSON is not GeoJSON
+        return None
+    if p.is_file() and suffix == ".xml" and "<Annotation" not in _head(p):  # MoNuSeg / ImageScope XML only
+        return None
+    try:
+        kind = source_kind(p)
+    except (ValueError, OSError):
+        return None
+    return None if kind == "csv" else kind
 
 
 def get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerDataTuple]] | None:
@@ -65,59 +63,76 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerDataTuple
 
 
 def read_paths(path: str | Sequence[str]) -> list[LayerDataTuple]:
-    """Layers of every file in ``path`` (one path or a list)."""
+    """Layers of every path in ``path`` (one path or a list); a failure is also shown as a
+    one-line napari notification."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     out: list[LayerDataTuple] = []
     for p in paths:
-        out.extend(_read_one(Path(p)))
+        try:
+            out.extend(_read_one(Path(p)))
+        except (ValueError, OSError) as e:
+            _notify(str(e) if str(Path(p)) in str(e) else f"{p}: {e}")
+            raise
     return out
 
 
-def _names(stem: str, n: int) -> list[str]:
-    return [stem] if n == 1 else [f"{stem} {i}" for i in range(n)]
+def _notify(text: str) -> None:
+    try:
+        from napari.utils.notifications import show_error
+    except ImportError:  # pragma: no cover - napari is what calls this reader
+        return
+    show_error(text.splitlines()[0] if text else "could not read the file")
 
 
 def _read_one(path: Path) -> list[LayerDataTuple]:
-    fmt = format_of(path)
-    if fmt == "consep":
-        from nucsynth.io.consep import read_consep_file
-
-        return sample_to_layers(read_consep_file(path), path.stem)
-    if fmt == "monuseg":
-        from nucsynth.io import read_monuseg
-
-        samples = read_monuseg(path)
-        return [t for s, n in zip(samples, _names(path.stem, len(samples))) for t in sample_to_layers(s, n)]
-    if fmt == "geojson":
-        from nucsynth.io import read_geojson
-        from nucsynth.layout import Sample
-
-        image = next((c for c in (path.with_suffix(e) for e in _IMAGE_SUFFIXES) if c.is_file()), None)
-        got = read_geojson(path, image=image)
-        return sample_to_layers(got, path.stem) if isinstance(got, Sample) else layout_to_layers(got, path.stem)
-    if fmt == "store":
+    kind = format_of(path)
+    if kind is None:
+        raise ValueError(f"{path}: not a format NucSynth reads (CoNSeP/Lizard .mat, MoNuSeg .xml, QuPath .geojson, "
+                         "PanNuke, an images/+labels/ folder or a NucSynth .zarr store)")
+    if kind == "store":
         return store_layers(path)
-    raise ValueError(f"{path}: not a format NucSynth reads (.mat, .xml, .geojson, or a NucSynth .zarr store)")
+    return source_layers(path)
+
+
+def _stem(path: Path) -> str:
+    return path.name[:-5] if path.name.endswith(".zarr") else (path.stem if path.is_file() else path.name)
+
+
+def source_layers(path: str | Path) -> list[LayerDataTuple]:
+    """Layers of any layout source but a store: an editable layout per patch, or stacks
+    when there are more than :data:`MAX_LAYOUTS` patches of one size."""
+    from nucsynth.io.sources import read_layout_source
+    from nucsynth.layout import Sample
+
+    path = Path(path)
+    src = read_layout_source(path)
+    stem = _stem(path)
+    items = src.items
+    shapes = {(s.layout if isinstance(s, Sample) else s).shape for s in items}
+    if len(items) > MAX_LAYOUTS and len(shapes) == 1 and all(isinstance(s, Sample) for s in items):
+        return _stack_layers(np.stack([s.image for s in items]), np.stack([s.layout.inst_map for s in items]),
+                             np.stack([s.layout.type_map() for s in items]), items[0].layout.class_set, stem,
+                             {"source": str(path)})
+    out: list[LayerDataTuple] = []
+    for i, (item, prov) in enumerate(zip(items, src.provenance)):
+        name = stem if len(items) == 1 else f"{stem} {prov.get('source_tile') or i}"
+        out += sample_to_layers(item, name) if isinstance(item, Sample) else layout_to_layers(item, name)
+    return out
 
 
 def store_layers(path: str | Path) -> list[LayerDataTuple]:
     """Layers of a dataset store: an editable layout for one patch, else lazy stacks."""
+    import dask.array as da
+
     from nucsynth.io.store import DatasetStore
 
     path = Path(path)
     store = DatasetStore.open(path)
-    name = path.name[:-5] if path.name.endswith(".zarr") else path.name
+    name = _stem(path)
     if len(store) == 0:
         raise ValueError(f"{path}: the dataset store is empty (no patches to show)")
     if len(store) == 1:
         return sample_to_layers(store[0], name)
-    return _stack_layers(store, name)
-
-
-def _stack_layers(store: Any, name: str) -> list[LayerDataTuple]:
-    import dask.array as da
-
-    cs = store.class_set
 
     def type_block(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
         i = block_info[None]["chunk-location"][0] if block_info else 0
@@ -125,11 +140,34 @@ def _stack_layers(store: Any, name: str) -> list[LayerDataTuple]:
 
     inst = store.inst_maps.rechunk((1, *store.inst_maps.shape[1:]))
     classes = da.map_blocks(type_block, inst, dtype=np.int32)
-    meta = {"store": str(store.path), "layout": name, "class_set": cs.to_dict()}
+    return _stack_layers(store.images, inst, classes, store.class_set, name, {"store": str(store.path)})
+
+
+def _stack_layers(images: Any, inst: Any, classes: Any, cs: Any, name: str, where: dict[str, str]
+                  ) -> list[LayerDataTuple]:
+    """Browse-only stacks (patch index first): images, instance outlines, faint classes."""
+    meta = {**where, "layout": name, "class_set": cs.to_dict()}
     return [
-        (store.images, {"name": f"{name} images", "rgb": True, "metadata": {META: {**meta, "role": "stack-image"}}}, "image"),
-        (inst, {"name": f"{name} instances", "opacity": 0.9, "metadata": {META: {**meta, "role": "stack-instances"}}},
-         "labels"),
-        (classes, {"name": f"{name} classes", "colormap": class_colormap(cs), "opacity": 0.5,
+        (images, {"name": f"{name} images", "rgb": True, "metadata": {META: {**meta, "role": "stack-image"}}}, "image"),
+        (inst, {"name": f"{name} instances", "opacity": 0.6, "colormap": instance_colormap(),
+                "metadata": {META: {**meta, "role": "stack-instances"}}}, "labels"),
+        (classes, {"name": f"{name} classes", "colormap": class_colormap(cs), "opacity": 0.3,
                    "metadata": {META: {**meta, "role": "stack-classes"}}}, "labels"),
     ]
+
+
+def read_patch(meta: dict[str, Any], index: int) -> Any:
+    """Patch ``index`` (a Sample) of the store or source a stack layer's metadata names."""
+    if "store" in meta:
+        from nucsynth.io.store import DatasetStore
+
+        store = DatasetStore.open(meta["store"])
+        if not 0 <= index < len(store):
+            raise ValueError(f"{meta['store']} holds patches 0..{len(store) - 1}; got {index}")
+        return store[index]
+    from nucsynth.io.sources import read_layout_source
+
+    src = read_layout_source(meta["source"], limit=index + 1)
+    if index >= len(src):
+        raise ValueError(f"{meta['source']} holds patches 0..{len(src) - 1}; got {index}")
+    return src.items[index]

@@ -113,3 +113,23 @@ def test_start_from_an_opened_image_and_its_labels(designer) -> None:
     designer.select_class(2)
     designer.assign_btn.click()
     assert designer.counts()["inflammatory"] == 2
+
+
+def test_open_any_patch_of_a_multi_patch_dataset_for_editing(designer, tmp_path) -> None:
+    from test_plugin_io import _folder_dataset
+
+    from napari_nucsynth._reader import read_paths
+
+    samples = _folder_dataset(tmp_path / "ds", 6)
+    viewer = designer.viewer
+    for data, kwargs, kind in read_paths(str(tmp_path / "ds")):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    viewer.dims.set_current_step(0, 4)  # the slider on patch 4
+    assert designer.patch_spin.value() == 4
+    designer.open_patch_btn.click()
+    ctrl = designer.ctrl
+    assert ctrl.name == "ds #4" and "ds #4 image" in viewer.layers
+    lay = ctrl.layout()
+    assert np.array_equal(lay.inst_map > 0, samples[4].layout.inst_map > 0)
+    assert sorted(lay.classes.tolist()) == sorted(samples[4].layout.classes.tolist())
+    assert ctrl.instances.translate[1] > 48  # beside the stacks, not over them

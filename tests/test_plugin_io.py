@@ -214,3 +214,65 @@ def test_rendered_sample_data_renders_off_the_main_thread(make_napari_viewer, qt
     assert names.index("rendered image") < names.index("rendered instances")
     img = viewer.layers["rendered image"]
     assert img.metadata["nucsynth"]["role"] == "render" and img.data.shape[:2] == viewer.layers["rendered instances"].data.shape
+
+
+def _folder_dataset(root: Path, n: int) -> list:
+    """``n`` procedural samples written as an images/ + labels/ folder with a class table."""
+    import tifffile
+    from PIL import Image
+
+    from nucsynth.generate.tissue import procedural_sample
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rows = ["image,id,class"]
+    samples = [procedural_sample((48, 48), seed=s) for s in range(n)]
+    for k, s in enumerate(samples):
+        Image.fromarray(s.image).save(root / "images" / f"p{k}.png")
+        tifffile.imwrite(root / "labels" / f"p{k}.tif", s.layout.inst_map)
+        rows += [f"p{k},{i + 1},{CONSEP_CLASSES.names[c - 1]}" for i, c in enumerate(s.layout.classes) if c > 0]
+    (root / "classes.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return samples
+
+
+def test_a_dataset_folder_opens_and_any_patch_reads_back(tmp_path: Path) -> None:
+    from napari_nucsynth._reader import read_patch
+
+    samples = _folder_dataset(tmp_path / "ds", 6)
+    assert format_of(tmp_path / "ds") == "folder"
+    reader = get_reader(str(tmp_path / "ds"))
+    assert reader is not None  # a folder napari offers to NucSynth is read, not refused
+    v = ViewerModel()
+    _add(v, reader(str(tmp_path / "ds")))
+    assert [ly.name for ly in v.layers] == ["ds images", "ds instances", "ds classes"]
+    assert v.layers["ds images"].data.shape == (6, 48, 48, 3)
+    got = read_patch(v.layers["ds instances"].metadata["nucsynth"], 3)
+    assert np.array_equal(got.image, samples[3].image) and np.array_equal(got.layout.inst_map, samples[3].layout.inst_map)
+
+
+def test_reader_layers_show_the_tissue(tmp_path: Path) -> None:
+    """Opened layouts look like the designer's: one outline colour (class colours only on
+    the classes layer), faint fills over the image, centroid markers inside the nuclei."""
+    from napari_nucsynth._reader import read_paths
+
+    _folder_dataset(tmp_path / "two", 2)
+    tuples = read_paths(str(tmp_path / "two"))
+    kinds = {kw["name"]: (kw, kind) for _, kw, kind in tuples}
+    inst, _ = kinds["two p0 instances"]
+    assert inst["opacity"] <= 0.4 and kinds["two p0 classes"][0]["opacity"] <= 0.4
+    assert np.allclose(inst["colormap"].map(np.array([1, 2, 17])), 1.0)  # every nucleus the same white
+    assert 2.0 <= kinds["two p0 centroids"][0]["size"] <= 8.0
+
+
+def test_a_read_error_is_one_line_in_napari(tmp_path: Path, monkeypatch) -> None:
+    from napari_nucsynth._reader import read_paths
+
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
+                   '{"type": "Polygon", "coordinates": "oops"}}]}', encoding="utf-8")
+    assert get_reader(str(bad)) is not None
+    with pytest.raises(ValueError):
+        read_paths(str(bad))
+    assert len(shown) == 1 and str(bad) in shown[0] and "\n" not in shown[0]
