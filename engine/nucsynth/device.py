@@ -1,8 +1,16 @@
-"""Which torch device the engine runs on, chosen in one place."""
+"""Which torch device the engine runs on, and what that device has room for, in one place."""
 
 from __future__ import annotations
 
-__all__ = ["pick_device", "describe_device"]
+import os
+from pathlib import Path
+
+__all__ = ["pick_device", "describe_device", "available_memory", "feature_cache_budget"]
+
+# Share of the free memory that kept condition features may take (the rest is for the
+# network's activations and everything else the process does).
+_CACHE_SHARE = 0.25
+_CACHE_FALLBACK = 1 << 30  # when the free memory cannot be read
 
 
 def pick_device(requested: str | None = None) -> "torch.device":  # noqa: F821
@@ -44,3 +52,60 @@ def describe_device(device: "torch.device") -> str:  # noqa: F821
     from nucsynth.threads import wait_policy
 
     return f"CPU ({torch.get_num_threads()} threads, {wait_policy()} wait)"
+
+
+def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), None if unlimited."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":  # v2
+            folder, limit_name, usage_name = root / rel.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            folder, limit_name, usage_name = root / "memory" / rel.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit = (folder / limit_name).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes a huge number for "no limit"
+                continue
+            return max(0, int(limit) - int((folder / usage_name).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_memory(device: "torch.device") -> int | None:  # noqa: F821
+    """Bytes free for new tensors on ``device``, or None when it cannot be told.
+
+    CUDA: the driver's free memory. CPU: the kernel's MemAvailable, capped by what is left
+    under the process's cgroup memory limit (containers). MPS and others: None.
+    """
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu" and os.name == "posix":
+        room = [m for m in (_meminfo_available(), _cgroup_memory_room()) if m is not None]
+        return min(room) if room else None
+    return None
+
+
+def feature_cache_budget(device: "torch.device") -> int:  # noqa: F821
+    """Bytes that kept condition features (:class:`nucsynth.nets.blocks.ConditionFeatures`)
+    may take on ``device``: a quarter of its free memory, 1 GiB when that is unknown."""
+    free = available_memory(device)
+    return _CACHE_FALLBACK if free is None else int(free * _CACHE_SHARE)

@@ -86,6 +86,10 @@ def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels:
     ``net_fn`` once on the conditional batch only; -1 <= scale < 0 interpolates towards the
     unconditional model (co-synthesis' w < 1). ``cond`` / ``null_cond`` are tensors or
     (nested) dicts / tuples of tensors with the batch first; a null of batch 1 broadcasts.
+
+    The stacked condition [cond; null_cond] is built once and the same tensors go to
+    ``net_fn`` at every call, so a network that keeps per-condition work
+    (:class:`nucsynth.nets.blocks.ConditionCache`) finds it again at every step.
     """
     if scale < -1:
         raise ValueError(f"guidance scale must be >= -1 (0 = conditional, -1 = unconditional model), got {scale}")
@@ -93,13 +97,16 @@ def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels:
         raise ValueError(f"eps_channels must be >= 1, got {eps_channels}")
     if scale == 0:
         return lambda x, t: net_fn(x, t, cond)
+    built: list[tuple[int, Any]] = []  # (batch, [cond; null]) once the batch is known
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         batch = x.shape[0]
-        cond_batch = _batch_size(cond)
-        if cond_batch is not None and cond_batch != batch:
-            raise ValueError(f"condition batch {cond_batch} != sample batch {batch}")
-        out = net_fn(torch.cat([x, x]), torch.cat([t, t]), _concat(cond, null_cond, batch))
+        if not built or built[0][0] != batch:
+            cond_batch = _batch_size(cond)
+            if cond_batch is not None and cond_batch != batch:
+                raise ValueError(f"condition batch {cond_batch} != sample batch {batch}")
+            built[:] = [(batch, _concat(cond, null_cond, batch))]
+        out = net_fn(torch.cat([x, x]), torch.cat([t, t]), built[0][1])
         out_c, out_u = out[:batch], out[batch:]
         eps_c, eps_u = out_c[:, :eps_channels], out_u[:, :eps_channels]
         eps = eps_c + scale * (eps_c - eps_u)

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import AttentionBlock, Downsample, GroupNorm, ResBlock, Upsample, group_count, timestep_embedding, zero_module
+from .blocks import (
+    AttentionBlock, ConditionFeatures, Downsample, GroupNorm, ResBlock, Upsample, group_count, timestep_embedding,
+    zero_module,
+)
 
 __all__ = ["UNetConfig", "SpadeUNet", "unet_preset", "PRESETS"]
 
@@ -214,6 +217,8 @@ class SpadeUNet(nn.Module):
     - ``x`` (B, in_channels, H, W): the noisy input; ``t`` (B,): timesteps (original 0..T-1);
     - ``cond`` (B, cond_channels, h, w): required iff ``cond_channels > 0`` (pass zeros for
       the null condition of classifier-free guidance); any size, resized nearest per block;
+      or a :class:`~nucsynth.nets.blocks.ConditionFeatures` wrapping it, so that repeated
+      calls with the same condition (the steps of a sampler) compute SPADE's gamma/beta once;
     - ``context`` (B, context_dim): required iff ``context_dim > 0``;
     - ``early`` (B, early_channels, H, W), ``late`` (B, late_channels, H, W): required iff
       configured.
@@ -283,7 +288,7 @@ class SpadeUNet(nn.Module):
         self.out_conv = zero_module(nn.Conv2d(ch + cfg.late_channels, cfg.out_channels, 3, padding=1))
 
     @staticmethod
-    def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor, cond: Tensor | None) -> Tensor:
+    def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor, cond: Tensor | ConditionFeatures | None) -> Tensor:
         for layer in layers:
             h = layer(h, emb, cond) if isinstance(layer, ResBlock) else layer(h)
         return h
@@ -308,7 +313,7 @@ class SpadeUNet(nn.Module):
         self,
         x: Tensor,
         t: Tensor,
-        cond: Tensor | None = None,
+        cond: Tensor | ConditionFeatures | None = None,
         context: Tensor | None = None,
         early: Tensor | None = None,
         late: Tensor | None = None,
@@ -325,7 +330,8 @@ class SpadeUNet(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"SpadeUNet: t must have shape ({b},), got {tuple(t.shape)}")
-        self._check("cond", cond, cfg.cond_channels, b, 4)  # any size: SPADE resizes it per block
+        cond_map = cond.tensor if isinstance(cond, ConditionFeatures) else cond
+        self._check("cond", cond_map, cfg.cond_channels, b, 4)  # any size: SPADE resizes it per block
         self._check("context", context, cfg.context_dim, b, 2)
         self._check("early", early, cfg.early_channels, b, 4, (hgt, wid))
         self._check("late", late, cfg.late_channels, b, 4, (hgt, wid))
