@@ -33,41 +33,60 @@ def load_layouts(folder: Path, step: int) -> list[Layout]:
 
 
 # ---------------------------------------------------------------------------- building blocks
-def test_sobel_and_gaussian_kernels_match_opencv_definitions():
-    d3, s3 = P.sobel_kernels(3)
-    assert d3.tolist() == [-1, 0, 1] and s3.tolist() == [1, 2, 1]
-    d5, s5 = P.sobel_kernels(5)
-    assert d5.tolist() == [-1, -2, 0, 2, 1] and s5.tolist() == [1, 4, 6, 4, 1]
-    d21, s21 = P.sobel_kernels(21)
-    assert d21.size == s21.size == 21 and d21.sum() == 0 and s21.sum() == 2**20
-    assert P.gaussian_kernel(3).tolist() == [0.25, 0.5, 0.25]
-    assert P.ellipse_element(5).astype(int).tolist() == [
-        [0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
-    ramp = np.tile(np.arange(10.0), (6, 1))  # d/dx = 1 everywhere inside
-    assert np.allclose(P.sobel(ramp, axis=1, ksize=3)[:, 1:-1], 2 * 4)  # [-1,0,1] x [1,2,1]
-    assert np.allclose(P.sobel(ramp, axis=0, ksize=3), 0)
-    with pytest.raises(ValueError, match="odd"):
-        P.sobel_kernels(4)
-
-
-def test_primitives_equal_opencv_when_available():
-    cv2 = pytest.importorskip("cv2", reason="opencv not installed (optional cross-check)")
+def test_components_equal_scipy_label_with_small_objects_removed():
     rng = np.random.default_rng(0)
-    img = rng.random((40, 52)).astype(np.float32)
-    for k in (3, 5, 21):
-        for axis, (dx, dy) in ((1, (1, 0)), (0, (0, 1))):
-            ref = cv2.Sobel(img, cv2.CV_64F, dx, dy, ksize=k)
-            assert np.allclose(P.sobel(img, axis, k), ref, rtol=1e-12, atol=1e-9 * np.abs(ref).max())
-    g = P.gaussian_kernel(3)
-    ours = ndi.correlate1d(ndi.correlate1d(img.astype(float), g, axis=0, mode="mirror"), g, axis=1, mode="mirror")
-    assert np.allclose(ours, cv2.GaussianBlur(img.astype(float), (3, 3), 0))
-    for k in (3, 5, 7):
-        assert np.array_equal(P.ellipse_element(k), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)).astype(bool))
-    m = rng.random((40, 52)) > 0.3
-    se = P.ellipse_element(5)
-    ours_open = ndi.binary_dilation(ndi.binary_erosion(m, se, border_value=1), se)
-    ref_open = cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_OPEN, se.astype(np.uint8)).astype(bool)
-    assert np.array_equal(ours_open, ref_open)
+    for density in (0.3, 0.55, 0.7):
+        mask = rng.random((61, 47)) < density
+        ref, n_ref = ndi.label(mask)  # 4-connected, raster order
+        sizes = np.bincount(ref.ravel())
+        for min_size in (1, 3, 6):
+            keep = sizes >= min_size
+            keep[0] = False
+            expect = np.zeros_like(ref)
+            expect[keep[ref]] = np.cumsum(keep)[ref][keep[ref]]
+            got, n = P.components(mask, min_size)
+            assert got.dtype == np.int32 and n == int(keep.sum())
+            assert np.array_equal(got, expect)
+    empty, n = P.components(np.zeros((5, 4), bool), 3)
+    assert n == 0 and not empty.any()
+
+
+def test_fill_holes_equals_scipy():
+    rng = np.random.default_rng(1)
+    for density in (0.5, 0.7, 0.85):
+        mask = rng.random((50, 66)) < density
+        assert np.array_equal(P.fill_holes(mask), ndi.binary_fill_holes(mask))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert P.fill_holes(ring)[4, 4] and not P.fill_holes(ring)[0, 0]
+
+
+def _reference_flood(energy, markers, blobs):
+    from skimage.segmentation import watershed
+
+    from nucsynth.layout import relabel_contiguous
+
+    return relabel_contiguous(watershed(energy, markers=markers, mask=blobs > 0))[0]
+
+
+def test_flood_equals_watershed_including_odd_markers():
+    rng = np.random.default_rng(2)
+    energy = ndi.gaussian_filter(rng.random((40, 40)), 2)
+    blob_mask = np.zeros((40, 40), bool)
+    blob_mask[2:18, 2:18] = blob_mask[22:38, 5:20] = blob_mask[25:35, 25:38] = blob_mask[3:9, 30:36] = True
+    blobs = ndi.label(blob_mask)[0]
+    markers = np.zeros((40, 40), np.int32)
+    markers[5, 5], markers[14, 14] = 1, 2  # blob 1: two markers -> watershed
+    markers[30, 10] = 3  # blob 3: one marker -> flooded whole
+    markers[20, 20] = 4  # outside every blob: vanishes, ids after it shift down
+    markers[30, 30] = 5  # blob 4... and the same id also in another blob:
+    markers[5, 33] = 5
+    markers[6, 33] = 6  # second marker in the small blob
+    got = P.flood(energy, markers, blobs)
+    assert np.array_equal(got, _reference_flood(energy, markers, blobs))
+    assert got.max() == 5  # marker 4 vanished
+    assert not P.flood(energy, np.zeros_like(markers), blobs).any()
 
 
 def test_majority_class_ignores_background_and_breaks_ties_low():
@@ -117,6 +136,10 @@ def test_hv_watershed_refuses_bad_input():
         P.hv_watershed(np.full((8, 8), np.nan), np.zeros((2, 8, 8)))
     with pytest.raises(ValueError, match="type_probs must have shape"):
         P.hv_watershed(np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="sobel ksize must be an odd integer between 3 and 31, got 33"):
+        P.hv_watershed(np.zeros((8, 8)), np.zeros((2, 8, 8)), sobel_ksize=33)
+    with pytest.raises(ValueError, match="opening ksize must be an odd integer >= 1, got 4"):
+        P.hv_watershed(np.zeros((8, 8)), np.zeros((2, 8, 8)), open_ksize=4)
 
 
 # ---------------------------------------------------------------------------- point watershed
@@ -174,6 +197,22 @@ def test_hv_watershed_on_truth_maps_of_real_consep(consep_dir):
     assert s_ref["aggregate"]["pq"] >= 0.85
     assert s_sharp["mean"]["pq"] >= 0.95 and s_sharp["aggregate"]["pq"] >= 0.95
     assert s_sharp["detection"]["acc"] >= 0.99  # majority class recovers the true classes
+
+
+@pytest.mark.realdata
+def test_hv_watershed_shortcuts_equal_the_plain_steps_on_real_consep(consep_dir):
+    # components / fill_holes / flood on real (and noisy) maps give exactly what scipy's
+    # label + hole filling and one skimage watershed over all blobs give.
+    rng = np.random.default_rng(0)
+    for lay in load_layouts(consep_dir, step=24):
+        prob, hv = (lay.inst_map > 0).astype(np.float32), lay.hv_maps()
+        noisy = (np.clip(prob + rng.normal(0, 0.2, prob.shape), 0, 1), hv + rng.normal(0, 0.1, hv.shape))
+        for pr, h in ((prob, hv), noisy):
+            for params in ({}, SHARP):
+                blobs, energy, markers = P.hv_energy(pr, h, **params)
+                assert np.array_equal(blobs > 0, P.components(pr >= 0.5, params.get("min_size", 10))[0] > 0)
+                assert np.array_equal(P.flood(energy, markers, blobs), _reference_flood(energy, markers, blobs))
+        assert np.array_equal(P.fill_holes(lay.inst_map > 0), ndi.binary_fill_holes(lay.inst_map > 0))
 
 
 @pytest.mark.realdata
