@@ -415,3 +415,17 @@ def test_resume_falls_back_and_refuses_other_data(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resuming from step_0000001" in err and "skipped step_0000002: model.safetensors is truncated" in err
     assert (run / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_checkpoint_on_a_full_disk_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import nucsynth.checkpoint as ck
+
+    def full(*a, **k):  # what safetensors raises on ENOSPC: its own type, the errno in the text
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ck, "_save_tensors", full)
+    with pytest.raises(outputs.OutputError, match=r"cannot write .*step_0000001: the disk is full \(no checkpoint"):
+        _toy_checkpoint(tmp_path / "step_0000001")
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left

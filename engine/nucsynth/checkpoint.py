@@ -282,8 +282,12 @@ def save_checkpoint(
             raise
         raise outputs.OutputError(outputs.describe_os_error(e, final)
                                   + f" (no checkpoint was written at {final})", e.errno) from None
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        os_error = outputs.as_os_error(e)  # safetensors reports a full disk as its own error type
+        if os_error is not None:
+            raise outputs.OutputError(outputs.describe_os_error(os_error, final)
+                                      + f" (no checkpoint was written at {final})", os_error.errno) from None
         raise
     return final
 

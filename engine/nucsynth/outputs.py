@@ -52,6 +52,7 @@ __all__ = [
     "leftovers_in",
     "tidy",
     "describe_os_error",
+    "as_os_error",
 ]
 
 # .<name>.<purpose>-<pid>-<tag>; older releases wrote .<name>.<purpose>-<32 hex> (no pid)
@@ -91,6 +92,18 @@ def describe_os_error(e: OSError, path: str | Path, doing: str = "write") -> str
     else:
         why = e.strerror or str(e)
     return f"cannot {doing} {path}: {why}"
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """``e`` itself if it is an OSError; for writers that report I/O failures as their own
+    exception type with an "(os error N)" message (safetensors), the equivalent OSError."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)", str(e))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def temporary_path(path: str | Path, purpose: str = "writing") -> Path:
@@ -378,8 +391,12 @@ def staged(
         if isinstance(e, OutputError) and e.errno is None:
             raise  # already names the user's path
         raise OutputError(describe_os_error(e, path) + f" (nothing was changed at {path})", e.errno) from None
-    except BaseException:
+    except BaseException as e:
         _remove_quietly(tmp)
+        os_error = as_os_error(e)
+        if os_error is not None:
+            raise OutputError(describe_os_error(os_error, path) + f" (nothing was changed at {path})",
+                              os_error.errno) from None
         raise
 
 

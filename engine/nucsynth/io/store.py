@@ -298,6 +298,29 @@ def _ranges(idx: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+def _drain_zarr(timeout: float = 30.0) -> None:
+    """Let the chunk writes zarr still has in flight finish after one of them failed (disk
+    full, ...): otherwise they die at exit with pages of tracebacks after our one-line error."""
+    import asyncio
+
+    try:
+        from zarr.core.sync import loop as zarr_loop
+    except ImportError:  # another zarr layout: nothing to drain
+        return
+    lp = zarr_loop[0]
+    if lp is None or not lp.is_running():
+        return
+
+    async def drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)  # also marks their errors as seen
+
+    try:
+        asyncio.run_coroutine_threadsafe(drain(), lp).result(timeout)
+    except Exception:
+        pass
+
+
 class DatasetStore(Sequence[Sample]):
     """A zarr-backed sequence of equally sized Samples (see the module doc for the layout).
 
@@ -680,6 +703,7 @@ class DatasetStore(Sequence[Sample]):
         try:
             return self._append(samples, splits)
         except OSError as e:
+            _drain_zarr()
             if isinstance(e, outputs.OutputError):
                 raise
             raise outputs.OutputError(outputs.describe_os_error(e, self.path, "append to")
