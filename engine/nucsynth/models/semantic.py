@@ -269,6 +269,7 @@ class SemanticModel(ModelFamily):
         from nucsynth.diffusion import guided, sample
         from nucsynth.diffusion.noise import exact_rows, generators, row_seeds
         from nucsynth.diffusion.windows import windowed
+        from nucsynth.nets.blocks import ConditionCache
 
         dev = next(net.parameters()).device
         cond = cond.to(dev)
@@ -276,9 +277,11 @@ class SemanticModel(ModelFamily):
         net.eval()
         amp = dev.type == "cuda"
 
+        features = ConditionCache()  # SPADE's gamma/beta: once per distinct condition of this render
+
         def net_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                return net(x, t, c).float()
+                return net(x, t, features(c)).float()
 
         gen = generators(row_seeds(seed, cond.shape[0]), dev)
         # a canvas larger than the training size is denoised as overlapping windows of it
