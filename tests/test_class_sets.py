@@ -264,3 +264,18 @@ def test_joint_points_of_a_reordered_class_set_mark_each_nucleus_in_its_own_clas
     assert (seen[0][0] == seen[1][0]).all() and seen[0][1] == seen[1][1]
     with pytest.raises(ClassSetMismatch, match="neoplastic"):
         model.sample_maps([Layout(pts.inst_map, pts.classes, pts.centroids, PANNUKE_CLASSES)], steps=1)
+
+
+def test_rare_pool_of_mixed_class_sets_matches_by_name_or_refuses():
+    from nucsynth.edit.balance import collect_rare_pool
+
+    truth, _ = _truth_and_pred()  # 3 nuclei of each CoNSeP class, all whole
+    assert len(collect_rare_pool([truth])) == 3  # CoNSeP's rare class: other
+    # the same nuclei listed in another class order: still the 3 "other" nuclei, not "epithelial"
+    both = collect_rare_pool([truth, _in(truth, SORTED_CONSEP)])
+    assert len(both) == 6 and all(np.array_equal(a, b) for a, b in zip(both[:3], both[3:]))
+    pan = Layout(truth.inst_map, truth.classes, truth.centroids, PANNUKE_CLASSES)
+    with pytest.raises(ClassSetMismatch, match="dead"):
+        collect_rare_pool([truth, pan])  # PanNuke's rare "dead" never joins CoNSeP's "other" pool
+    assert len(collect_rare_pool([pan.to_class_set(CONSEP_CLASSES, {"neoplastic": "other", "dead": "unknown",
+                                                                    "connective": "spindle"})])) == 3

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import disk
 
-from nucsynth.layout import Layout, LayoutError, Sample
+from nucsynth.layout import ClassSet, Layout, LayoutError, Sample
 
 __all__ = [
     "BalanceReport",
@@ -120,17 +120,26 @@ def rare_class_of(class_set_rare: int | None, rare_class: int | None) -> int:
 
 
 def collect_rare_pool(
-    layouts: Iterable[Layout | Sample], rare_class: int | None = None, include_cut: bool = False
+    layouts: Iterable[Layout | Sample],
+    rare_class: int | None = None,
+    include_cut: bool = False,
+    class_set: ClassSet | None = None,
 ) -> list[np.ndarray]:
     """Boolean masks (cropped to the bounding box) of every rare-class nucleus in ``layouts``.
 
     Nuclei touching the canvas border are left out unless ``include_cut`` (a cut nucleus is
-    not a whole nucleus shape). ``rare_class`` defaults to each layout's ``class_set.rare``.
+    not a whole nucleus shape). ``rare_class`` is a class of ``class_set`` (default: the
+    first layout's class set) and defaults to its ``rare``. Every layout's classes are
+    matched to that set by name (:meth:`Layout.to_class_set`), so layouts of another class
+    set never lend their own "rare" class; one naming other classes raises
+    :class:`~nucsynth.layout.ClassSetMismatch` (map it first with ``to_class_set(cs, mapping)``).
     """
     pool = []
     for item in layouts:
         lay = item.layout if isinstance(item, Sample) else item
-        k = rare_class_of(lay.class_set.rare, rare_class)
+        class_set = class_set or lay.class_set
+        lay = lay.to_class_set(class_set)
+        k = rare_class_of(class_set.rare, rare_class)
         h, w = lay.shape
         for i, sl in enumerate(ndi.find_objects(lay.inst_map), start=1):
             if sl is None or lay.classes[i - 1] != k:
