@@ -40,3 +40,15 @@ def disk_layout_arrays(shape=(48, 48), centres=((10, 12, 5), (30, 30, 7), (12, 3
     for i, (cy, cx, r) in enumerate(centres, start=1):
         inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
     return inst, np.asarray(classes)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """torch on one CPU thread for the test (tiny convolutions only contend on a shared CPU;
+    pixels also depend on the thread count), restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,36 +21,32 @@ from nucsynth.models.semantic import SemanticModel  # noqa: E402
 from nucsynth.synthesize import SynthesisJob, SynthesisOptions, get_synthesizer, plan_items  # noqa: E402
 
 
-def test_two_workers_one_killed_give_the_single_process_store(tmp_path):
+def test_two_workers_one_killed_give_the_single_process_store(tmp_path, one_torch_thread):
+    """One thread here: the workers get this process' thread count, so the same float reductions."""
     from nucsynth.distributed import DaskExecutor
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers get this process' thread count: same float reductions
+    model = SemanticModel.from_preset("tiny", 32, CONSEP_CLASSES)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, model.build_network(), step=1,
+                           train_config={"steps": 1, "cond_drop": 0.2})
+    synth = get_synthesizer(ckpt, "cpu")
+    opts = synth.resolve(SynthesisOptions(steps=2, batch_size=2, seed=4))
+    items = plan_items(synth, opts, [random_layout((32, 32), CONSEP_CLASSES, seed=i) for i in range(8)])
+    SynthesisJob(synth, items, opts, tmp_path / "single.zarr").run()
+
+    executor = DaskExecutor(workers=2, device="cpu")
+    killed: list[int] = []
+
+    def kill_one_worker(progress):
+        if progress.done >= 2 and not killed:  # after the first batch is written
+            pid = next(iter(executor.worker_pids().values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
     try:
-        model = SemanticModel.from_preset("tiny", 32, CONSEP_CLASSES)
-        torch.manual_seed(0)
-        ckpt = save_checkpoint(tmp_path / "ckpt", model, model.build_network(), step=1,
-                               train_config={"steps": 1, "cond_drop": 0.2})
-        synth = get_synthesizer(ckpt, "cpu")
-        opts = synth.resolve(SynthesisOptions(steps=2, batch_size=2, seed=4))
-        items = plan_items(synth, opts, [random_layout((32, 32), CONSEP_CLASSES, seed=i) for i in range(8)])
-        SynthesisJob(synth, items, opts, tmp_path / "single.zarr").run()
-
-        executor = DaskExecutor(workers=2, device="cpu")
-        killed: list[int] = []
-
-        def kill_one_worker(progress):
-            if progress.done >= 2 and not killed:  # after the first batch is written
-                pid = next(iter(executor.worker_pids().values()))
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-
-        try:
-            result = SynthesisJob(synth, items, opts, tmp_path / "dist.zarr", executor=executor).run(kill_one_worker)
-        finally:
-            executor.close()
+        result = SynthesisJob(synth, items, opts, tmp_path / "dist.zarr", executor=executor).run(kill_one_worker)
     finally:
-        torch.set_num_threads(threads)
+        executor.close()
     assert killed and result.written == 8 and not result.cancelled
     single, dist = DatasetStore.open(tmp_path / "single.zarr"), DatasetStore.open(tmp_path / "dist.zarr")
     assert [s.provenance["index"] for s in dist] == list(range(8))  # none lost, none twice, in order

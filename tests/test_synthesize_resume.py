@@ -51,15 +51,11 @@ def _committed(out) -> int:
     return len(DatasetStore.open(p)) if p.exists() else 0
 
 
-def test_kill_9_at_three_random_points_then_rerun_equals_an_uninterrupted_run(setup, tmp_path):
+def test_kill_9_at_three_random_points_then_rerun_equals_an_uninterrupted_run(setup, tmp_path, one_torch_thread):
     ckpt, src = setup
     ref = tmp_path / "ref" / "out.zarr"
     ref.parent.mkdir()
-    torch_threads = torch.get_num_threads()
-    try:
-        assert main(_args(ckpt, src, ref)) == 0
-    finally:
-        torch.set_num_threads(torch_threads)
+    assert main(_args(ckpt, src, ref)) == 0
     out = tmp_path / "run" / "out.zarr"
     out.parent.mkdir()
     rng = np.random.default_rng(7)

@@ -14,12 +14,7 @@ from nucsynth.layout import CONSEP_CLASSES
 from nucsynth.models.semantic import SemanticModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
