@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", type=Path, default=None,
                    help="semantic: train a LATENT model in the space of this trained autoencoder (checkpoint or run "
                         "folder of 'train --family autoencoder'); --image-size stays in image pixels")
+    p.add_argument("--text-encoder", default=None,
+                   help="joint: 'builtin' (default: an offline prompt encoder trained with the model) or the local "
+                        "folder / weights file of a frozen open_clip text tower (PLIP, QuiltNet)")
     p.add_argument("--no-augment", action="store_true", help="no random rotations/flips/crops (centre crops)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     g = p.add_argument_group("optimisation (defaults: nucsynth.train.TrainConfig)")
@@ -134,6 +137,14 @@ def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
         if cls.name != "semantic":
             raise ValueError(f"--autoencoder applies to the semantic family (a latent model), not {cls.name!r}")
         options["autoencoder"] = args.autoencoder
+    if getattr(args, "text_encoder", None) is not None:
+        if cls.name != "joint":
+            raise ValueError(f"--text-encoder applies to the joint family (its text prompt), not {cls.name!r}")
+        if args.text_encoder != "builtin":
+            if not Path(args.text_encoder).exists():
+                raise FileNotFoundError(f"--text-encoder {args.text_encoder}: no text encoder weights there "
+                                        "(a PLIP / QuiltNet folder or weights file, or 'builtin')")
+            options.update(text_encoder="open_clip", text_path=str(args.text_encoder))
     return cls.from_preset(args.preset, args.image_size, class_set, **options)
 
 
