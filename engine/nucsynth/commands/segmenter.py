@@ -54,12 +54,24 @@ def load_split(path: Path, split: str) -> Sequence[Any]:
     if not path.exists():
         raise FileNotFoundError(f"--data {path} does not exist")
     store = DatasetStore.open(path)
-    if split == "all":
-        return store
-    idx = store.indices(split)
-    if len(idx) == 0:
+    idx = None if split == "all" else store.indices(split)
+    if idx is not None and len(idx) == 0:
         raise ValueError(f"store {path} has no patches in split {split!r}; splits present: {sorted(set(store.splits.tolist()))}")
-    return split_source(store, idx)
+    _refuse_unmatched_images(store, path, idx)
+    return store if idx is None else split_source(store, idx)
+
+
+def _refuse_unmatched_images(store: Any, path: Path, idx: Any) -> None:
+    """A labels-only edit (``nucsynth edit --mode balance|enlarge``) keeps the source images
+    under changed labels: a segmenter trained or scored on such pairs learns or measures
+    nonsense, so they are refused (the store's mark, or any patch's provenance)."""
+    rows = range(len(store)) if idx is None else idx
+    marked = store.attrs.get("images_match_labels") is False
+    bad = [int(i) for i in rows if marked or store.provenance(int(i)).get("image_matches_labels") is False]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} patch(es) hold labels edited without their images (nucsynth edit "
+                         "--mode balance / enlarge), so images and labels do not match; render them first "
+                         f"(nucsynth synthesize --layouts {path} --out RENDERED.zarr) and use that store")
 
 
 def json_safe(x: Any) -> Any:
