@@ -138,3 +138,113 @@ def test_cli_train_and_evaluate(tmp_path, samples, capsys):
     assert got["n_images"] == 1 and set(got["mean"]) >= {"dice", "aji", "pq"}
     assert "PQ" in capsys.readouterr().out
     assert main(["segmenter", "evaluate", "--model", str(out), "--data", str(store), "--split", "nope"]) == 2
+
+
+# ---------------------------------------------------------------------------- the cpu yardstick
+def test_class_weights_follow_pixel_frequencies(samples):
+    w = S.type_class_weights(samples, "sqrt")
+    counts = sum(np.bincount(s.layout.type_map().ravel(), minlength=5)[:5] for s in samples)
+    freq = counts / counts.sum()
+    assert (w * freq).sum() == pytest.approx(1.0)  # mean weight over pixels is 1
+    present = freq > 0
+    expect = freq[present] ** -0.5
+    assert np.allclose(w[present] / w[present][0], expect / expect[0])  # w_c ~ f_c^-1/2
+    assert np.allclose(S.type_class_weights(samples, "none"), 1.0)
+    inv = S.type_class_weights(samples, "inverse")
+    assert np.allclose((inv * freq)[present], (inv * freq)[present][0])  # every class weighs the same
+    with pytest.raises(ValueError, match="class weighting must be one of"):
+        S.type_class_weights(samples, "log")
+
+
+def test_weighted_type_loss_counts_rare_pixels_more():
+    logits = torch.zeros(1, 5, 2, 2)
+    target = torch.tensor([[[0, 0], [0, 1]]])
+    plain = S._weighted_ce(logits, target, None)
+    w = torch.tensor([1.0, 4.0, 1.0, 1.0, 1.0])
+    assert float(S._weighted_ce(logits, target, w)) == pytest.approx(float(plain) * (3 + 4) / 4)
+
+
+def test_patches_with_a_rare_nucleus_are_drawn_more_often(samples):
+    from nucsynth.layout import Layout, Sample
+
+    rare = CONSEP_CLASSES.rare
+    common = [s.layout.classes.copy() for s in samples]
+    for c in common:
+        c[c == rare] = rare + 1
+    common[1][0] = rare  # only the second patch holds a rare nucleus
+    samples = [Sample(Layout(s.layout.inst_map, c, s.layout.centroids), s.image) for s, c in zip(samples, common)]
+    has = np.array([False, True, False, False])
+    p = S.patch_sampling_weights(samples, 3.0)
+    assert p.sum() == pytest.approx(1.0) and np.allclose(p[has], 3 * p[~has][0])
+    assert np.allclose(S.patch_sampling_weights(samples, 1.0), 1 / len(samples))
+    with pytest.raises(ValueError, match="rare_boost must be >= 1"):
+        tiny_config(rare_boost=0.5)
+
+
+def test_colour_jitter_is_seeded_and_keeps_the_range():
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    a = S._color_jitter(x, 0.2, torch.Generator().manual_seed(1))
+    b = S._color_jitter(x, 0.2, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, x) and a.min() >= -1 and a.max() <= 1
+    assert torch.allclose(S._color_jitter(x.clamp(-1, 1), 0.0, torch.Generator()), x, atol=1e-6)
+
+
+def test_shared_decoder_is_cheaper_and_trains_deterministically(samples):
+    sep = S.HoVerSegmenter(tiny_config(widths=(8, 16, 32)))
+    shared = S.HoVerSegmenter(tiny_config(widths=(8, 16, 32), decoder="shared"))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(shared) < 0.7 * n(sep)  # one decoder instead of three
+    out = shared(torch.zeros(1, 3, 32, 32))
+    assert out["np"].shape == (1, 2, 32, 32) and out["hv"].shape == (1, 2, 32, 32) and out["tp"].shape == (1, 5, 32, 32)
+    cfg = tiny_config(decoder="shared", class_weighting="sqrt", rare_boost=3.0, color_jitter=0.1, steps=2)
+    seen = []
+    a, log_a = S.train_segmenter(samples, cfg, seed=1, checkpoint=lambda step, net: seen.append(step), checkpoint_every=1)
+    b, log_b = S.train_segmenter(samples, cfg, seed=1)
+    assert log_a == log_b and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert seen == [1]  # every step but the last (the final model is the caller's to save)
+    with pytest.raises(ValueError, match="decoder must be"):
+        tiny_config(decoder="two")
+
+
+def test_whole_image_prediction_blends_windows(samples):
+    net = S._build(tiny_config(widths=(8, 16)), 0).eval()
+    img = np.concatenate([samples[0].image, samples[1].image], 1)  # 48 x 96
+    one = S.predict_maps(net, img, window=96, overlap=0)
+    tiled = S.predict_maps(net, img, window=48, overlap=16)
+    for m in (one, tiled):
+        assert m["prob"].shape == (48, 96) and m["hv"].shape == (2, 48, 96) and m["type"].shape == (5, 48, 96)
+        assert np.allclose(m["type"].sum(0), 1, atol=1e-5) and 0 <= m["prob"].min() and m["prob"].max() <= 1
+    # a window covering the image is the plain network pass
+    ref = S.predict_batch_maps(net, [img])[0]
+    assert np.allclose(one["prob"], ref["prob"], atol=1e-6) and np.allclose(one["hv"], ref["hv"], atol=1e-6)
+    lay = S.segment_image(net, img, CONSEP_CLASSES, window=48, overlap=16, threshold=0.0)
+    assert lay.shape == (48, 96)
+    with pytest.raises(ValueError, match="overlap < window"):
+        S.predict_maps(net, img, window=48, overlap=48)
+    assert S._starts(100, 48, 32) == [0, 32, 52] and S._starts(40, 48, 32) == [0]
+
+
+def test_tuning_improves_or_keeps_the_training_pq(monkeypatch, samples):
+    """With maps that are the truth itself, the search must find options scoring at least
+    the starting ones, and report the PQ they reach."""
+    from nucsynth.metrics import evaluate_set
+
+    truth = {id(s.image): s for s in samples}
+
+    def exact_maps(net, images, batch_size=8, device="cpu"):
+        out = []
+        for im in images:
+            lay = truth[id(im)].layout
+            tp = np.eye(5, dtype=np.float32)[lay.type_map()].transpose(2, 0, 1)
+            out.append({"prob": (lay.inst_map > 0).astype(np.float32), "hv": lay.hv_maps(), "type": tp})
+        return out
+
+    monkeypatch.setattr(S, "predict_batch_maps", exact_maps)
+    net = S._build(tiny_config(postprocess={"marker_threshold": 0.1, "open_ksize": 9}), 0)
+    start = evaluate_set([s.layout for s in samples],
+                         [S.hv_watershed(**{"prob": m["prob"], "hv": m["hv"], "type_probs": m["type"]}, **net.config.postprocess)
+                          for m in exact_maps(None, [s.image for s in samples])])["mean"]["pq"]
+    best, pq = S.tune_postprocess(net, samples, grid={"marker_threshold": (0.1, 0.5), "open_ksize": (3, 9)}, passes=1)
+    assert pq >= start and pq > 0.8 and best["open_ksize"] == 3
+    with pytest.raises(ValueError, match="unknown postprocess options"):
+        S.tune_postprocess(net, samples, grid={"sobel": (3,)})

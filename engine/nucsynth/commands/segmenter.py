@@ -1,11 +1,17 @@
 """``nucsynth segmenter``: train and evaluate the compact HoVer-Net-style segmenter.
 
-    nucsynth segmenter train --data STORE --preset tiny --out DIR [--split train]
-    nucsynth segmenter evaluate --model DIR --data STORE [--split val] [--json OUT.json]
+    nucsynth segmenter train --data STORE [--preset cpu] --out DIR [--split train] [--checkpoint-every N]
+    nucsynth segmenter tune --model DIR --data STORE [--split train] --out TUNED_DIR
+    nucsynth segmenter evaluate --model DIR --data STORE [--split val] [--whole] [--empty-score 0] [--json OUT.json]
 
 The model folder holds ``model.safetensors`` + ``segmenter.json``
-(:mod:`nucsynth.evaluate.segmenter`); evaluation prints Dice, AJI, PQ, F_d, accuracy and
-per-class F1 (:func:`nucsynth.metrics.evaluate_set`).
+(:mod:`nucsynth.evaluate.segmenter`). Training prints progress with the time left; the
+wall and CPU time are recorded with the model. ``tune`` picks the HV-watershed options
+that maximize PQ on training patches (:func:`nucsynth.evaluate.segmenter.tune_postprocess`).
+Evaluation prints Dice, AJI, PQ, F_d,
+accuracy and per-class F1 (:func:`nucsynth.metrics.evaluate_set`) per patch, the number of
+empty patches and how they were scored, and with ``--whole`` the whole-image figures
+(:func:`nucsynth.evaluate.stitch.evaluate_tiles`) that published results are given in.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a segmenter on a store split")
     t.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
     t.add_argument("--split", default="train", help="split to train on (default: train; 'all' = every patch)")
-    t.add_argument("--preset", default="tiny", choices=("tiny", "base"), help="network size (default: tiny)")
+    t.add_argument("--preset", default="cpu", choices=("tiny", "cpu", "base"),
+                   help="tiny: seconds, for tests; cpu: the yardstick, <= 30 min on 2 cores (default); base: a GPU model")
     t.add_argument("--out", type=Path, required=True, help="model folder to write (never the --data store)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder (the old one stays until the new one is written)")
@@ -37,6 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--crop", type=int, help="training crop in px (preset default)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation (default 0)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    t.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also write the model every N steps to OUT.checkpoints/step_N (default 0: never)")
+    u = sub.add_parser("tune", help="choose the HV-watershed options that maximize PQ on training patches")
+    u.add_argument("--model", type=Path, required=True, help="model folder written by 'segmenter train'")
+    u.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
+    u.add_argument("--split", default="train", help="split to tune on (default: train; never the evaluation split)")
+    u.add_argument("--every", type=int, default=8, help="use every N-th patch of the split (default 8)")
+    u.add_argument("--out", type=Path, required=True, help="model folder to write: the same weights, tuned options")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    u.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     e = sub.add_parser("evaluate", help="segment a store split and score it against its labels")
     e.add_argument("--model", type=Path, required=True, help="model folder written by 'segmenter train'")
     e.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
@@ -44,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--json", type=Path, help="also write the full results (per class, per image) as JSON")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    e.add_argument("--whole", action="store_true",
+                   help="also score whole images: each tile's patches reassembled (or pooled when they share no pixels)")
+    e.add_argument("--empty-score", choices=("0", "1", "nan"), default="0",
+                   help="per-patch score of a patch with no nucleus in truth and prediction: 0 (HoVer-Net, default), "
+                        "1 (nothing to find, nothing found), nan (left out of the means)")
 
 
 def load_split(path: Path, split: str) -> Sequence[Any]:
@@ -107,6 +130,12 @@ def _train(args: argparse.Namespace) -> int:
 
     outputs.check_not_input(args.out, {"--data": args.data})  # never replace the training data
     outputs.check_output(args.out, args.overwrite)  # before training, not after
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.checkpoint_every:
+        outputs.check_output(args.out.with_name(f"{args.out.name}.checkpoints"), args.overwrite)
+    import torch
+
     from nucsynth.device import pick_device
     from nucsynth.evaluate.segmenter import save_segmenter, segmenter_preset, train_segmenter
 
@@ -117,18 +146,38 @@ def _train(args: argparse.Namespace) -> int:
     config = segmenter_preset(args.preset, class_set.num_classes, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, crop=args.crop)
     device = pick_device(args.device)
-    every = max(1, config.steps // 20)
+    threads = torch.get_num_threads()  # set by the --threads option every command has
+    every = max(1, config.steps // 50)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    extra = {"data": str(args.data.resolve()), "split": args.split, "count": len(data), "seed": args.seed,
+             "preset": args.preset, "threads": threads, "device": str(device)}
 
     def progress(step: int, steps: int, loss: float) -> None:
         if step % every == 0 or step == steps:
-            print(f"step {step}/{steps}  loss {loss:.4f}", file=sys.stderr, flush=True)
+            wall = time.perf_counter() - wall0
+            left = wall / step * (steps - step)
+            print(f"step {step}/{steps}  loss {loss:.4f}  {_minutes(wall)} elapsed, about {_minutes(left)} left",
+                  file=sys.stderr, flush=True)
 
-    net, log = train_segmenter(data, config, seed=args.seed, device=device, progress=progress)
-    extra = {"data": str(args.data.resolve()), "split": args.split, "count": len(data), "seed": args.seed,
-             "preset": args.preset, "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"]}
+    def checkpoint(step: int, net: Any) -> None:
+        path = args.out.with_name(f"{args.out.name}.checkpoints") / f"step_{step:06d}"
+        save_segmenter(path, net, class_set, {**extra, "step": step, "wall_s": time.perf_counter() - wall0}, overwrite=True)
+        print(f"checkpoint {path}", file=sys.stderr, flush=True)
+
+    print(f"training the {args.preset} segmenter on {len(data)} patches of {args.data} ({args.split}), {config.steps} steps, "
+          f"{device}, {threads} thread(s)", file=sys.stderr, flush=True)
+    net, log = train_segmenter(data, config, seed=args.seed, device=device, progress=progress,
+                               checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    extra.update({"loss_first": log[0]["loss"], "loss_last": log[-1]["loss"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
     save_segmenter(args.out, net, class_set, extra, overwrite=args.overwrite)
-    print(f"segmenter written to {args.out} (loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f})")
+    print(f"segmenter written to {args.out} (loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; {_minutes(wall)} wall, "
+          f"{_minutes(cpu)} of CPU time)")
     return 0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -145,15 +194,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     net, class_set, _ = load_segmenter(args.model, device)
     data = load_split(args.data, args.split)
     samples = list(data)
+    empty = float(args.empty_score)
     preds = predict_layouts(net, [s.image for s in samples], class_set, device=device)
-    res = evaluate_set([s.layout for s in samples], preds)
-    print(f"{len(samples)} patches of {args.data} ({args.split}): {summary_line(res)}")
+    res = evaluate_set([s.layout for s in samples], preds, empty=empty)
+    print(f"patch protocol, {len(samples)} patches of {args.data} ({args.split}): {summary_line(res)}")
+    print(f"  {res['n_empty']} patch(es) with no nucleus in truth and prediction, scored {args.empty_score} "
+          f"({res['n_empty_truth']} with no true nucleus)")
+    out = {"model": str(args.model), "data": str(args.data), "split": args.split, "protocol": "patch", **res}
+    if args.whole:
+        from nucsynth.evaluate.segmenter import segment_image
+        from nucsynth.evaluate.stitch import evaluate_tiles
+
+        whole = evaluate_tiles(samples, lambda ims: [segment_image(net, im, class_set, device=device) for im in ims],
+                               empty=empty)
+        m, d = whole["mean"], whole["detection"]
+        f1 = " ".join(f"{k}={v:.3f}" for k, v in d["f1"].items())
+        print(f"whole-image protocol ({whole['mode']}, {whole['n_tiles']} tiles): Dice {m['dice']:.4f}  DQ {m['dq']:.4f}  "
+              f"SQ {m['sq']:.4f}  PQ {m['pq']:.4f}  F_d {d['f_d']:.4f}  acc {d['acc']:.4f}  F1: {f1}")
+        print(f"  {whole['reason']}")
+        out["whole"] = whole
     if args.json is not None:
-        write_json(args.json, {"model": str(args.model), "data": str(args.data), "split": args.split, **res},
-                   overwrite=args.overwrite, option="--json")
+        write_json(args.json, out, overwrite=args.overwrite, option="--json")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from nucsynth import outputs
+
+    outputs.check_not_input(args.out, {"--data": args.data, "--model": args.model})
+    outputs.check_output(args.out, args.overwrite)
+    if args.every < 1:
+        raise ValueError(f"--every must be >= 1, got {args.every}")
+    from nucsynth.device import pick_device
+    from nucsynth.evaluate.segmenter import load_segmenter, save_segmenter, tune_postprocess
+
+    device = pick_device(args.device)
+    net, class_set, extra = load_segmenter(args.model, device)
+    data = load_split(args.data, args.split)
+    samples = [data[i] for i in range(0, len(data), args.every)]
+    before = dict(net.config.postprocess)
+    best, pq = tune_postprocess(net, samples, device=device, log=lambda m: print(m, file=sys.stderr, flush=True))
+    net.config.postprocess = best
+    extra = {**extra, "postprocess_tuning": {"data": str(args.data), "split": args.split, "patches": len(samples),
+                                             "before": before, "pq": pq}}
+    save_segmenter(args.out, net, class_set, extra, overwrite=args.overwrite)
+    print(f"post-processing tuned on {len(samples)} patches of {args.data} ({args.split}): PQ {pq:.4f} with {best}; "
+          f"written to {args.out}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``train`` / ``evaluate``."""
-    return _train(args) if args.action == "train" else _evaluate(args)
+    """Dispatch ``train`` / ``tune`` / ``evaluate``."""
+    return {"train": _train, "tune": _tune, "evaluate": _evaluate}[args.action](args)
