@@ -389,6 +389,8 @@ def _train(
         (out / "checkpoints").mkdir(exist_ok=True)
         tidy_checkpoints(out / "checkpoints", report=None)  # temporary folders of killed writes
     device = _pick_device(cfg, d)
+    if not resume:
+        model.prepare_training(dataset)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = model.build_network().to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)

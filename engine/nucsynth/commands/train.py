@@ -185,12 +185,34 @@ def _resume_differences(args: argparse.Namespace, saved: dict[str, Any], provena
     return diffs
 
 
+def _dataset(model: Any, source: Any, size: int, augment: bool, seed: int) -> Any:
+    """Training items: a latent model gets its autoencoder's latents computed once up front."""
+    from nucsynth.data.dataset import SampleDataset
+
+    if not getattr(model, "is_latent", False):
+        return SampleDataset(source, maps=model.data_maps, size=size, augment=augment, seed=seed)
+    import torch
+
+    from nucsynth.data.latents import LatentDataset
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def encode(images: Any) -> Any:
+        return model.autoencoder(device).encode(images.to(device))[0]
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % 256 < 8:
+            print(f"encoding training patches with the autoencoder: {done}/{total}", file=sys.stderr, flush=True)
+
+    return LatentDataset(source, encode, model.config.latent_factor, maps=model.data_maps, size=size,
+                         augment=augment, seed=seed, progress=report)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; returns the exit code."""
     import torch
 
     from nucsynth.checkpoint import build_family, describe_skipped, latest_intact, list_checkpoints, read_config
-    from nucsynth.data.dataset import SampleDataset
     from nucsynth.train import TrainConfig, train
 
     if args.data is None:
@@ -224,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         model = _build_model(args, class_set)
         cfg = TrainConfig(**_given(args))
     size = model.image_size or args.image_size or 64
-    dataset = SampleDataset(source, maps=model.data_maps, size=size, augment=not args.no_augment, seed=cfg.seed)
+    dataset = _dataset(model, source, size, not args.no_augment, cfg.seed)
     print(f"nucsynth train: {model.describe()} on {provenance['count']} patches from {args.data}, "
           f"{cfg.total_steps} steps, batch {cfg.batch_size}", file=sys.stderr)
 

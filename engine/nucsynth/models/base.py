@@ -28,6 +28,7 @@ KNOWN_FAMILY_MODULES: dict[str, str] = {
     "semantic": "nucsynth.models.semantic",
     "structure": "nucsynth.models.structure",
     "joint": "nucsynth.models.joint",
+    "autoencoder": "nucsynth.models.autoencoder",
 }
 
 _REGISTRY: dict[str, type["ModelFamily"]] = {}
@@ -114,6 +115,11 @@ class ModelFamily(ABC):
     ) -> np.ndarray:
         """A quick look at what the model makes for the conditions of ``batch``:
         uint8 (B, H, W, 3) images (few sampler steps; used for the training previews)."""
+
+    def prepare_training(self, dataset: Any) -> None:
+        """Called once by :func:`nucsynth.train.train` before the first step of a FRESH run
+        (not on resume), on every rank: fit data-dependent constants that the config then
+        stores (e.g. a latent model's latent scale). Default: nothing."""
 
     def describe(self) -> str:
         """One line for logs: family, preset and size."""

@@ -16,19 +16,47 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nucsynth.diffusion.noise import row_seeds
 from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, Sample
 from nucsynth.models.base import ModelFamily, gaussian_diffusion, register_family
 
-__all__ = ["SemanticConfig", "SemanticModel", "to_uint8"]
+__all__ = ["SemanticConfig", "SemanticModel", "to_uint8", "latent_unet_config"]
 
 PRESETS = ("tiny", "base", "paper")
 SAMPLERS = ("dpm++2m", "ddim", "ancestral")
+
+
+def latent_unet_config(name: str, latent_size: int, channels: int, learned_variance: bool, cond_channels: int) -> dict[str, Any]:
+    """U-Net config (dict) of a latent model of preset ``name`` on (latent_size) latents.
+
+    - ``tiny``: widths 64/128/128, one res-block per level, attention at 1/2 and 1/4 of the
+      latent (about 6 M parameters; the CPU preset);
+    - ``base``: widths 128/256/384/512, two res-blocks, attention at 1/2, 1/4, 1/8 (GPU);
+    - ``paper``: LDM-4's scale (224 base channels, multipliers 1, 2, 3, 4).
+    """
+    from nucsynth.nets import UNetConfig
+
+    table = {"tiny": (64, (1, 2, 2), 1, 32, 32), "base": (128, (1, 2, 3, 4), 2, 64, 64), "paper": (224, (1, 2, 3, 4), 2, 32, 128)}
+    if name not in table:
+        raise ValueError(f"unknown semantic preset {name!r}; choose one of {list(PRESETS)}")
+    mc, mult, blocks, head, spade = table[name]
+    factor = 2 ** (len(mult) - 1)
+    if latent_size % factor:
+        raise ValueError(f"latent size {latent_size} must be a multiple of {factor} for the {name!r} latent network")
+    levels = [latent_size // 2**i for i in range(len(mult))]
+    attn = tuple(r for r in levels[1:] if r >= 4)
+    return UNetConfig(
+        image_size=latent_size, in_channels=channels, out_channels=2 * channels if learned_variance else channels,
+        cond_channels=cond_channels, model_channels=mc, channel_mult=mult, num_res_blocks=blocks,
+        attention_resolutions=attn, head_channels=head, spade_hidden=spade, resblock_updown=True,
+    ).to_dict()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -62,6 +90,15 @@ class SemanticConfig:
     #: "layout": one-hot classes + edges (SDM/NASDM/DiffMix); "structure": NuDiff stage 2,
     #: the 3 structure channels (mask in [-1, 1], H, V) of nucsynth.models.structure
     condition: str = "layout"
+    #: latent diffusion (LDM): None = pixel space; else the autoencoder's record:
+    #: {"autoencoder": path as given, "autoencoder_hash": sha256, "factor": f, "channels": z,
+    #:  "label_aware": bool, "scale": 1 / std of the training latents (None until fitted)}
+    latent: dict[str, Any] | None = None
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per diffusion position along each side: the autoencoder's f, 1 in pixel space."""
+        return int(self.latent["factor"]) if self.latent else 1
 
     @property
     def cond_channels(self) -> int:
@@ -104,6 +141,44 @@ class SemanticConfig:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def latent_preset(
+        cls,
+        name: str,
+        image_size: int,
+        class_set: ClassSet,
+        autoencoder: "str | Path",
+        **overrides: Any,
+    ) -> "SemanticConfig":
+        """A LATENT model (LDM) of preset ``name`` in the space of the trained ``autoencoder``
+        (a checkpoint or run folder of the autoencoder family). ``image_size`` is in image
+        pixels; the U-Net runs on (image_size / f) latents. Defaults differ from pixel space
+        where measurements favoured it: v-prediction, fixed variance (DPM-Solver++ ignores a
+        learned one). The latent scale is fitted on the training data when training starts."""
+        from nucsynth.models.autoencoder import load_autoencoder, weights_hash
+
+        ae, _ = load_autoencoder([Path(autoencoder)], None)
+        f, z = ae.factor, ae.latent_channels
+        if image_size % (f * 4):
+            raise ValueError(f"latent model: --image-size {image_size} must be a multiple of {4 * f} (autoencoder f = {f})")
+        if ae.config.label_aware and ae.class_set.names != class_set.names:
+            raise ValueError(f"the label-aware autoencoder {autoencoder} was trained on classes {ae.class_set.names}, "
+                             f"the data has {class_set.names}")
+        unknown = set(overrides) - {f_.name for f_ in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown semantic config option(s) {sorted(unknown)}")
+        if overrides.get("condition", "layout") != "layout":
+            raise ValueError("latent models are conditioned on layouts (condition='layout')")
+        learned = bool(overrides.pop("learned_variance", False))
+        edges = bool(overrides.get("edges", True))
+        net = latent_unet_config(name, image_size // f, z, learned, class_set.num_classes + 1 + int(edges))
+        latent = {"autoencoder": str(autoencoder), "autoencoder_hash": weights_hash(autoencoder), "factor": f,
+                  "channels": z, "label_aware": bool(ae.config.label_aware), "scale": None}
+        kw: dict[str, Any] = {"preset": name, "image_size": image_size, "class_set": class_set, "network": net,
+                              "prediction": "v", "learned_variance": learned, "latent": latent}
+        kw.update(overrides)
+        return cls(**kw)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (stored in checkpoints under ``"model"``)."""
         return {
@@ -120,6 +195,7 @@ class SemanticConfig:
             },
             "edges": self.edges,
             "condition": self.condition,
+            "latent": None if self.latent is None else dict(self.latent),
         }
 
     @classmethod
@@ -138,6 +214,7 @@ class SemanticConfig:
             vb_weight=float(diff.get("vb_weight", 0.001)),
             edges=bool(d.get("edges", True)),
             condition=str(d.get("condition", "layout")),
+            latent=None if d.get("latent") is None else dict(d["latent"]),
         )
 
 
@@ -168,6 +245,17 @@ def _mask_tensor(mask: Any, n: int, shape: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(m)[:, None]
 
 
+def _feathered_blend(image: torch.Tensor, init: torch.Tensor, mask: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """``image`` inside ``mask`` (B, 1, H, W; 1 = regenerated), ``init`` outside, with a
+    ``radius`` px linear ramp just outside the mask so the seam does not show."""
+    grown = mask
+    weight = mask.clone()
+    for r in range(1, radius + 1):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+        weight = torch.maximum(weight, grown * (1.0 - r / (radius + 1)))
+    return weight * image + (1.0 - weight) * init
+
+
 @register_family
 class SemanticModel(ModelFamily):
     """Label map -> H&E image (SDM / NASDM / DiffMix). See the module docstring."""
@@ -180,11 +268,96 @@ class SemanticModel(ModelFamily):
         super().__init__()
         self.config = config or SemanticConfig.from_preset("tiny")
         self.diffusion = gaussian_diffusion(self.config)
+        self._autoencoder: Any = None  # AutoencoderModel of a latent model, loaded on first use
 
     @classmethod
-    def from_preset(cls, name: str = "tiny", image_size: int = 64, class_set: ClassSet = CONSEP_CLASSES, **kw: Any) -> "SemanticModel":
-        """A fresh (untrained) model of preset ``name``; see :meth:`SemanticConfig.from_preset`."""
+    def from_preset(cls, name: str = "tiny", image_size: int = 64, class_set: ClassSet = CONSEP_CLASSES,
+                    autoencoder: "str | Path | None" = None, **kw: Any) -> "SemanticModel":
+        """A fresh (untrained) model of preset ``name``; see :meth:`SemanticConfig.from_preset`,
+        or with ``autoencoder`` a latent model (:meth:`SemanticConfig.latent_preset`)."""
+        if autoencoder is not None:
+            return cls(SemanticConfig.latent_preset(name, image_size, class_set, autoencoder, **kw))
         return cls(SemanticConfig.from_preset(name, image_size, class_set, **kw))
+
+    # ------------------------------------------------------------------ latent space
+    @property
+    def is_latent(self) -> bool:
+        """True for a latent-diffusion model (the U-Net denoises autoencoder latents)."""
+        return self.config.latent is not None
+
+    def autoencoder_candidates(self) -> list[Path]:
+        """Where this latent model's autoencoder is looked for, in order: ``autoencoder/``
+        inside the model's checkpoint folder (a bundled pair), then the recorded path (relative
+        paths from the checkpoint folder, then from the working directory)."""
+        rec = Path(self.config.latent["autoencoder"])
+        places = []
+        if self.checkpoint:
+            places += [Path(self.checkpoint) / "autoencoder"]
+            if not rec.is_absolute():
+                places.append(Path(self.checkpoint) / rec)
+        places.append(rec)
+        return list(dict.fromkeys(places))
+
+    def autoencoder(self, device: "torch.device | str" = "cpu") -> torch.nn.Module:
+        """The frozen autoencoder network on ``device`` (loaded once, checked by content hash).
+
+        Raises FileNotFoundError naming the places looked at, ValueError for another
+        autoencoder than the one this model was trained with."""
+        if not self.is_latent:
+            raise ValueError("this is a pixel-space model: it has no autoencoder")
+        if self._autoencoder is None:
+            from nucsynth.models.autoencoder import load_autoencoder
+
+            self._autoencoder, _ = load_autoencoder(self.autoencoder_candidates(), self.config.latent["autoencoder_hash"])
+        net = self._autoencoder.net
+        if next(net.parameters()).device != torch.device(device):
+            net.to(device)
+        return net.eval().requires_grad_(False)
+
+    def _latent_scale(self) -> float:
+        scale = self.config.latent.get("scale")
+        if scale is None:
+            raise ValueError("the latent scale of this model was never fitted (it is fitted when training starts)")
+        return float(scale)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, z, H/f, W/f) (posterior mean
+        times the unit-variance scale)."""
+        net = self.autoencoder(images.device)
+        with torch.no_grad():
+            mean, _ = net.encode(images.float())
+        return mean * self._latent_scale()
+
+    def decode_latents(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Scaled latents (B, z, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]; ``cond`` is the
+        full-resolution condition map a label-aware decoder draws nucleus boundaries from."""
+        net = self.autoencoder(z.device)
+        with torch.no_grad():
+            x = net.decode(z.float() / self._latent_scale(), cond.float() if self.config.latent["label_aware"] else None)
+        return x.clamp(-1.0, 1.0)
+
+    def latent_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """Condition maps at image resolution -> at latent resolution by area averaging (soft
+        class fractions and edge density per latent position: a nucleus smaller than f px
+        is not lost, as it would be by nearest-neighbour resizing)."""
+        f = self.config.latent_factor
+        return F.avg_pool2d(cond.float(), f) if f > 1 else cond
+
+    def prepare_training(self, dataset: Any) -> None:
+        """Fit the latent scale (1 / std of the training latents; LDM) on up to 64 items of
+        ``dataset`` before a fresh training run; no-op in pixel space or when fitted."""
+        if not self.is_latent or self.config.latent.get("scale") is not None:
+            return
+        n = min(64, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        if all("latent" in it for it in items):  # nucsynth.data.latents.LatentDataset
+            means = torch.stack([it["latent"] for it in items])
+        else:
+            images = torch.stack([it["image"] for it in items])
+            net = self.autoencoder("cpu")
+            with torch.no_grad():
+                means = torch.cat([net.encode(images[i : i + 16].float())[0] for i in range(0, n, 16)])
+        self.config.latent["scale"] = float(1.0 / means.std().clamp_min(1e-6))
 
     # ------------------------------------------------------------------ ModelFamily
     @property
@@ -231,8 +404,12 @@ class SemanticModel(ModelFamily):
         """Hybrid loss at uniformly random timesteps; ``cond_drop`` of the samples get the
         null (all-zero) condition (classifier-free guidance training)."""
         x0 = batch["image"]
-        b, dev = x0.shape[0], x0.device
         cond = self.batch_condition(batch).to(x0.dtype)
+        if self.is_latent:  # precomputed latents (nucsynth.data.latents) or encode now
+            lat = batch["latent"] * self._latent_scale() if "latent" in batch else self.encode_images(x0)
+            x0 = lat.to(x0.dtype)
+            cond = self.latent_condition(cond).to(x0.dtype)
+        b, dev = x0.shape[0], x0.device
         if cond_drop > 0:
             keep = torch.rand(b, generator=generator, device=generator.device).to(dev) >= cond_drop
             cond = cond * keep[:, None, None, None].to(cond.dtype)
@@ -265,7 +442,42 @@ class SemanticModel(ModelFamily):
         """Images (B, 3, H, W) in [-1, 1] for condition maps ``cond`` (B, K+2, H, W) with
         ``net`` (e.g. the all-zero null condition); :meth:`sample` wraps it for Layouts.
         ``seed``: int s (sample i gets seed s + i) or one seed per sample; each sample has
-        its own generator, so it comes out the same alone or in any batch."""
+        its own generator, so it comes out the same alone or in any batch.
+
+        A latent model encodes ``init_image``, denoises latents under the area-averaged
+        condition (a latent position is regenerated where any of its f x f pixels is in
+        ``mask``), decodes (label-aware decoders see the full-resolution ``cond``) and, with a
+        mask, blends into ``init_image`` in pixel space with a 2 px feathered seam (kept
+        pixels unchanged)."""
+        if not self.is_latent:
+            return self._denoise(net, cond, steps, guidance, seed, sampler, init_image, strength, mask, progress)
+        dev = next(net.parameters()).device
+        cond = cond.to(dev).float()
+        f = self.config.latent_factor
+        init_z = None if init_image is None else self.encode_images(init_image.to(dev))
+        mask_z = None if mask is None else F.max_pool2d(mask.to(dev).float(), f)
+        z = self._denoise(net, self.latent_condition(cond), steps, guidance, seed, sampler, init_z, strength, mask_z,
+                          progress)
+        image = self.decode_latents(z, cond)
+        if mask is not None:
+            image = _feathered_blend(image, init_image.to(dev).float(), mask.to(dev).float())
+        return image
+
+    def _denoise(
+        self,
+        net: torch.nn.Module,
+        cond: torch.Tensor,
+        steps: int,
+        guidance: float,
+        seed: int | Sequence[int],
+        sampler: str,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
+        mask: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """The diffusion state (B, C, h, w) denoised under ``cond`` at the state's resolution:
+        images in pixel space (C = 3), scaled latents in latent space (C = z, not clipped)."""
         from nucsynth.diffusion import guided, sample
         from nucsynth.diffusion.noise import exact_rows, generators, row_seeds
         from nucsynth.diffusion.windows import windowed
@@ -284,17 +496,18 @@ class SemanticModel(ModelFamily):
                 return net(x, t, features(c)).float()
 
         gen = generators(row_seeds(seed, cond.shape[0]), dev)
+        channels = int(self.config.latent["channels"]) if self.is_latent else 3
         # a canvas larger than the training size is denoised as overlapping windows of it
-        net_fn = windowed(net_fn, self.config.image_size)
-        model_fn = guided(exact_rows(net_fn, dev), cond, torch.zeros_like(cond[:1]), float(guidance), eps_channels=3)
-        shape = (cond.shape[0], 3, cond.shape[2], cond.shape[3])
+        net_fn = windowed(net_fn, self.config.image_size // self.config.latent_factor)
+        model_fn = guided(exact_rows(net_fn, dev), cond, torch.zeros_like(cond[:1]), float(guidance), eps_channels=channels)
+        shape = (cond.shape[0], channels, cond.shape[2], cond.shape[3])
         try:
             with torch.no_grad():
                 return sample(
                     self.diffusion, model_fn, shape, steps, method=sampler, generator=gen,
                     init_image=None if init_image is None else init_image.to(dev),
                     strength=strength, mask=None if mask is None else mask.to(dev),
-                    progress=progress, device=dev,
+                    progress=progress, device=dev, clip_x0=not self.is_latent,
                 )
         finally:
             net.train(was_training)
@@ -334,7 +547,7 @@ class SemanticModel(ModelFamily):
         shape = lays[0].shape
         if any(l.shape != shape for l in lays):
             raise ValueError(f"all layouts of one call must share a canvas size; got {sorted({l.shape for l in lays})}")
-        f = 2 ** (len(self.config.network["channel_mult"]) - 1)
+        f = 2 ** (len(self.config.network["channel_mult"]) - 1) * self.config.latent_factor
         if shape[0] % f or shape[1] % f:
             raise ValueError(f"layout size {shape} must be a multiple of {f} on both sides for this network")
         if sampler not in SAMPLERS:
