@@ -272,7 +272,7 @@ def test_kill_points_driver_small(tmp_path):
     spec = importlib.util.spec_from_file_location("kill_points", ROOT / "benchmarks" / "kill_points.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--store", "1", "--checkpoint", "0", "--overwrite", "2", "--workdir", str(tmp_path)]) == 0
+    assert mod.main(["--store", "1", "--checkpoint", "0", "--overwrite", "1", "--workdir", str(tmp_path)]) == 0
 
 
 # ---------------------------------------------------------------------- damage
