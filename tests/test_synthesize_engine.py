@@ -224,3 +224,16 @@ def test_options_a_family_cannot_use_are_refused(ckpts):
         get_synthesizer(ckpts["semantic"], "cpu").resolve(SynthesisOptions(prompt="x"))
     with pytest.raises(ValueError, match="steps must be at least 1"):
         SynthesisOptions(steps=0)
+
+
+def test_labels_only_edits_are_refused_for_segmenters_until_rendered(ckpts, tmp_path, source):
+    from nucsynth.commands.segmenter import load_split
+
+    edited = tmp_path / "edited.zarr"
+    assert main(["edit", str(source), str(edited), "--mode", "enlarge", "--seed", "1"]) == 0
+    assert DatasetStore.open(edited).attrs["images_match_labels"] is False
+    with pytest.raises(ValueError, match="do not match"):
+        load_split(edited, "all")
+    rendered = tmp_path / "rendered.zarr"
+    assert main(_cli(ckpts["semantic"], rendered, "--layouts", str(edited))) == 0
+    assert len(load_split(rendered, "synthetic")) == 5  # rendered images show the edited labels

@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     keep = [i for i in range(len(edited)) if changed[i] or not args.only_changed]
     attrs = {
         "source": str(args.source), "edit": args.mode, "seed": args.seed,
+        # labels-only edits keep the source images under changed labels (refused for segmenters)
+        "images_match_labels": args.mode == "gradmix",
         "command": "nucsynth edit " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "nucsynth edit",
     }
     tmp = temporary_path(args.out, "editing")
