@@ -351,14 +351,16 @@ def _read_only_fs(folder: Path) -> bool:
 
 
 def check_not_input(out: str | Path, inputs: Mapping[str, str | Path | None], option: str = "--out") -> None:
-    """Refuse an output that is, holds or lies inside one of the ``inputs`` (option -> path):
-    replacing it would destroy the data it is made from, ``--overwrite`` or not."""
+    """Refuse an output that is or holds one of the ``inputs`` (option -> path), or lies
+    inside an input dataset store: replacing it would destroy the data it is made from,
+    ``--overwrite`` or not. (A new file inside an ordinary input folder is harmless.)"""
     o = Path(out).expanduser().resolve()
     for opt, p in inputs.items():
         if p is None:
             continue
         i = Path(p).expanduser().resolve()
-        if o == i or o in i.parents or i in o.parents:
+        inside_store = i in o.parents and (i / "zarr.json").is_file()
+        if o == i or o in i.parents or inside_store:
             rel = "is" if o == i else ("holds" if o in i.parents else "lies inside")
             raise ValueError(f"{option} {out} {rel} the {opt} input {p}; choose another output path")
 
