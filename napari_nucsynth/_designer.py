@@ -364,6 +364,8 @@ class DesignerWidget(QWidget):
         if event is not None and getattr(event, "type", "") == "inserted":
             adopt_renamed(event.value)
             event.value.events.name.connect(self._check_layers)
+            if role_of(event.value) == "stack-instances":
+                event.value.contour = 1  # outlines over the stacked tissue
         if self.proposal is not None and self.proposal.instances not in self.viewer.layers:
             self._drop_proposal_layers()
         names = [n for n in find_layout_names(self.viewer.layers) if not n.endswith(f" {PROPOSAL}")]

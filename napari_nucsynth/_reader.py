@@ -149,7 +149,7 @@ def _stack_layers(images: Any, inst: Any, classes: Any, cs: Any, name: str, wher
     meta = {**where, "layout": name, "class_set": cs.to_dict()}
     return [
         (images, {"name": f"{name} images", "rgb": True, "metadata": {META: {**meta, "role": "stack-image"}}}, "image"),
-        (inst, {"name": f"{name} instances", "opacity": 0.6, "colormap": instance_colormap(),
+        (inst, {"name": f"{name} instances", "opacity": 0.35, "colormap": instance_colormap(),
                 "metadata": {META: {**meta, "role": "stack-instances"}}}, "labels"),
         (classes, {"name": f"{name} classes", "colormap": class_colormap(cs), "opacity": 0.3,
                    "metadata": {META: {**meta, "role": "stack-classes"}}}, "labels"),

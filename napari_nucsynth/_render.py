@@ -252,8 +252,7 @@ class RenderWidget(QWidget):
         self.region_btn.setToolTip("re-render only what was edited since this layout's last render")
         self.region_btn.clicked.connect(self.rerender_region)
         self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setToolTip("stop the render now (Escape)")
-        self.cancel_btn.setShortcut("Escape")
+        self.cancel_btn.setToolTip("stop the render now (also from napari's activity panel)")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
         for b in (self.run_btn, self.region_btn, self.cancel_btn):

@@ -1,7 +1,8 @@
 """Regenerate the screenshots of docs/plugin.md from a real napari viewer.
 
 Each dock is used for real (a random layout balanced in the designer, a render, a small
-batch) and the whole window is captured. Needs a display: run it under a virtual X server,
+batch, the rendered sample data under its layout's outlines) and the whole window is
+captured. Needs a display: run it under a virtual X server,
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/plugin_screenshots.py
 
@@ -78,8 +79,10 @@ def main() -> int:
     designer.seed_spin.setValue(2)
     designer.density_spin.setValue(60.0)
     designer.random_btn.click()
+    _wait(app, lambda: not designer.busy)
     designer.set_target(1, 0.2)
     designer.balance_btn.click()
+    _wait(app, lambda: not designer.busy)
     designer.select_class(1)
     viewer.reset_view()
     _save(viewer, args.out / "designer.png")
@@ -117,6 +120,15 @@ def main() -> int:
         viewer.open(batch.out_edit.text(), plugin="napari-nucsynth")  # the store, as stacks
         viewer.reset_view()
         _save(viewer, args.out / "batch.png")
+    viewer.layers.clear()
+
+    # 4. sample data: tissue rendered by the default model under its layout's outlines
+    from napari_nucsynth._sample_data import _RUNNING
+
+    viewer.open_sample("napari-nucsynth", "rendered")
+    _wait(app, lambda: not _RUNNING)
+    viewer.reset_view()
+    _save(viewer, args.out / "sample.png")
     viewer.close()
     return 0
 

@@ -242,8 +242,10 @@ def test_every_edit_is_one_undoable_step_with_real_events(ui) -> None:
 def test_keep_of_a_proposal_is_one_step_and_never_replays_old_strokes(ui) -> None:
     d, drv, qtbot = ui
     viewer = d.viewer
-    d.height_spin.setValue(160)
-    d.width_spin.setValue(160)
+    d.height_spin.setValue(96)
+    d.width_spin.setValue(96)
+    d.density_spin.setValue(120)
+    d.border_spin.setValue(8)  # DiffMix's 30 px border leaves little of a 96 px canvas
     d.seed_spin.setValue(3)
     drv.button(d.random_btn)
     _wait(d, qtbot)

@@ -4,7 +4,10 @@ viewer could not react.
 
 Two phases are measured: the work (click until the result reaches the main thread; the
 work runs in workers) and showing the result (napari updating its layers, which must
-happen on the main thread). Set ``NUCSYNTH_HEARTBEAT_LOAD=2`` to run them under 2 busy
+happen on the main thread). The work may stall the viewer at most 150 ms, or twice the
+largest gap of the idle viewer measured just before (2 s) on a machine so loaded that even
+an idle viewer is starved for long (the figures are printed, so a report says which
+applied). Set ``NUCSYNTH_HEARTBEAT_LOAD=2`` to run them under 2 busy
 background processes (a loaded machine); the gaps are printed either way (``-s``).
 """
 
@@ -65,6 +68,20 @@ class Heartbeat:
         return float(np.diff(b).max())
 
 
+def _idle_gap(qtbot, hb: Heartbeat, seconds: float = 2.0) -> float:
+    """The largest gap with nothing running: what the machine itself imposes (a loaded
+    machine starves every thread now and then)."""
+    t0 = time.perf_counter()
+    qtbot.wait(int(seconds * 1000))
+    return hb.gaps(t0, time.perf_counter())
+
+
+def _limit(idle: float) -> float:
+    """The allowed gap while a worker runs: 150 ms, or twice the idle gap on a machine so
+    loaded that even an idle viewer is starved for long."""
+    return max(WORK_GAP_S, 2.0 * idle)
+
+
 def _measure(qtbot, hb: Heartbeat, owner, click, label: str, load: int) -> tuple[float, float]:
     """Click, wait until idle; return (work gap, show gap) in seconds and print them."""
     qtbot.wait(50)
@@ -96,10 +113,12 @@ def test_designer_actions_keep_the_viewer_beating(make_napari_viewer, qtbot, bac
     qtbot.waitUntil(lambda: not d.busy, timeout=60000)
     d.discard_btn.click()
     d.seed_spin.setValue(2)
+    idle = _idle_gap(qtbot, hb)
+    print(f"heartbeat idle (background load {background_load}): {idle * 1000:.0f} ms")
     for label, btn in (("Random layout", d.random_btn), ("Balance", d.balance_btn)):
         work, show = _measure(qtbot, hb, d, btn.click, label, background_load)
         assert d.proposal is not None
-        assert work < WORK_GAP_S, f"{label}: the viewer stalled {work * 1000:.0f} ms while the worker ran"
+        assert work < _limit(idle), f"{label}: the viewer stalled {work * 1000:.0f} ms while the worker ran"
         assert show < SHOW_GAP_S, f"{label}: showing the proposal stalled the viewer {show * 1000:.0f} ms"
         t0 = time.perf_counter()
         d.keep_btn.click()  # Keep only updates layers (main thread)
@@ -129,9 +148,11 @@ def test_render_keeps_the_viewer_beating(make_napari_viewer, qtbot, background_l
     w.steps_spin.setValue(12)
     hb = Heartbeat()
     hb.timer.start()
+    idle = _idle_gap(qtbot, hb)
+    print(f"heartbeat idle (background load {background_load}): {idle * 1000:.0f} ms")
     work, show = _measure(qtbot, hb, w, w.run_btn.click, "render", background_load)
     hb.timer.stop()
     torch.set_num_threads(before)
     assert "tile render" in viewer.layers
-    assert work < WORK_GAP_S, f"render: the viewer stalled {work * 1000:.0f} ms while the engine ran"
+    assert work < _limit(idle), f"render: the viewer stalled {work * 1000:.0f} ms while the engine ran"
     assert show < SHOW_GAP_S

@@ -149,8 +149,8 @@ def test_cancel_within_a_step_at_256_px_with_the_default_model(dock, qtbot) -> N
     dock.ckpt_edit.setText(str(ckpt))
     dock.steps_spin.setValue(50)
     dock.run_btn.click()
-    qtbot.waitUntil(lambda: dock.progress.value() >= 1, timeout=120000)  # model loaded, steps running
-    qtbot.wait(100)  # now inside a step
+    qtbot.waitUntil(lambda: bool(_engine_threads()), timeout=120000)  # the model is loaded, sampling started
+    qtbot.wait(300)  # now inside the first step
     t0 = time.perf_counter()
     dock.cancel_btn.click()
     qtbot.waitUntil(lambda: not dock.running, timeout=2000)
