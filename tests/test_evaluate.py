@@ -61,7 +61,8 @@ def test_downstream_end_to_end_and_deterministic(stores, tmp_path):
         assert key in runs[0]
     assert len(first["summary"]) == 2 and first["summary"][0]["seeds"] == 2
     md = (tmp_path / "a" / "downstream.md").read_text()
-    assert md.count("\n") == 2 + 2 and "±" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 2 and "±" in md and "Paired" not in md  # header, rule, 2 rows; nothing to pair
     second = _run_downstream(real, tmp_path / "b", "--synthetic", str(syn), "--fractions", "0.5", "--seeds", "1")
     both = {r["setting"]: r for r in second["runs"]}
     assert both["real+synthetic"]["train_patches"] == 4 and "real+synthetic" in (tmp_path / "b" / "downstream.md").read_text()

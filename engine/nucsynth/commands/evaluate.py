@@ -1,16 +1,22 @@
-"""``nucsynth evaluate``: the downstream segmenter protocol, label fidelity and image quality.
+"""``nucsynth evaluate``: the downstream segmenter protocol, label fidelity, image quality
+and the choice of patches to label.
 
     nucsynth evaluate downstream --real STORE [--synthetic STORE] --fractions 0.1,1.0 --seeds 3 --out DIR
-    nucsynth evaluate fidelity STORE --model SEGMENTER_DIR [--out DIR] [--min-score 0.5]
+                                 [--subsets subsets.json] [--allow-leakage]
+    nucsynth evaluate fidelity STORE [--model SEGMENTER_DIR] [--real STORE] [--out DIR] [--min-score 0.5]
     nucsynth evaluate quality REAL SYNTH [--metrics fid,is,fsd] [--inception-weights PATH] [--out REPORT.json]
+    nucsynth evaluate subsets --data STORE --fractions 0.1,0.2,0.5 --out subsets.json
 
 ``downstream`` trains the segmenter on each fraction of the real store's training split
 (with and without the synthetic store), evaluates on the held-out split, and writes
-``downstream.json`` (every run + summary) and ``downstream.md`` (mean ± std over seeds).
-``fidelity`` segments the store's images, compares with their layouts and writes
-``fidelity.json`` (one score per sample + summary). ``quality`` computes FID / IS / FSD of a
-synthetic set against a real one (:func:`nucsynth.evaluate.image_quality.image_quality_report`)
-and writes the report as JSON.
+``downstream.json`` (every run, summary, paired differences) and ``downstream.md`` (mean ±
+std over seeds, paired difference with its confidence interval). A synthetic store whose
+layouts or generating model saw the held-out tiles is refused unless ``--allow-leakage``.
+``fidelity`` segments the store's images (with the shipped segmenter by default), compares
+with their layouts, scores relative to the same segmenter on real images, and writes
+``fidelity.json``. ``quality`` computes FID / IS / FSD of a synthetic set against a real one
+(:func:`nucsynth.evaluate.image_quality.image_quality_report`). ``subsets`` chooses the
+labelled subsets by k-means (:mod:`nucsynth.evaluate.subsets`) for ``downstream --subsets``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-split", default="train", help="real training split (default: train)")
     d.add_argument("--test-split", default="val", help="held-out real split (default: val)")
     d.add_argument("--synthetic-split", default="all", help="split of the synthetic store to use (default: all)")
-    d.add_argument("--preset", default="tiny", choices=("tiny", "base"), help="segmenter preset (default: tiny)")
+    d.add_argument("--preset", default="cpu", choices=("tiny", "cpu", "base"), help="segmenter preset (default: cpu)")
+    d.add_argument("--subsets", type=Path, help="subsets.json from 'nucsynth evaluate subsets' (k-means labelled subsets "
+                   "of the training split; default: a random subset per fraction and seed)")
+    d.add_argument("--allow-leakage", action="store_true", help="use a synthetic set even if its layouts or generating "
+                   "model saw the test split's tiles, or do not record what they saw (refused by default)")
     d.add_argument("--steps", type=int, help="training steps per run (preset default)")
     d.add_argument("--batch-size", type=int, help="batch size (preset default)")
     d.add_argument("--crop", type=int, help="training crop in px (preset default)")
@@ -46,12 +56,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     f = sub.add_parser("fidelity", help="segment synthesized samples and compare with their layouts")
     f.add_argument("store", type=Path, help="store of synthesized samples (image + the layout it was conditioned on)")
-    f.add_argument("--model", type=Path, required=True, help="segmenter folder (nucsynth segmenter train)")
+    f.add_argument("--model", type=Path, help="segmenter folder (nucsynth segmenter train; default: the shipped one)")
+    f.add_argument("--real", type=Path, help="real store to score the same segmenter on, for relative scores "
+                   "(default: the reference recorded with the model)")
+    f.add_argument("--real-split", default="val", help="split of --real (default: val)")
     f.add_argument("--split", default="all", help="split to score (default: all)")
     f.add_argument("--out", type=Path, help="folder for fidelity.json (default: print the summary only)")
     f.add_argument("--overwrite", action="store_true", help="replace fidelity.json in --out")
     f.add_argument("--min-score", type=float, help="list the samples scoring below this value")
     f.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    k = sub.add_parser("subsets", help="choose the patches to label: k-means on image features (NuDiff), for --subsets")
+    k.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
+    k.add_argument("--split", default="train", help="split to choose from (default: train)")
+    k.add_argument("--fractions", default="0.1,0.2,0.5", help="comma-separated fractions (default 0.1,0.2,0.5)")
+    k.add_argument("--clusters", type=int, default=6, help="k-means clusters (default 6, as NuDiff)")
+    k.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    k.add_argument("--out", type=Path, required=True, help="JSON file to write (indices within the split)")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q = sub.add_parser("quality", help="FID, IS and FSD of a synthetic set against a real one")
     q.add_argument("real", type=Path, help="real data: a dataset store or any source 'nucsynth prepare' reads")
     q.add_argument("synth", type=Path, help="synthetic data: a dataset store or any readable source")
@@ -93,13 +114,22 @@ def _downstream(args: argparse.Namespace) -> int:
         from nucsynth.layout import Sample
 
         synthetic = [Sample(s.layout.to_class_set(cs), s.image, s.provenance) for s in synthetic]
+    leaks: list[str] = []
+    if synthetic is not None:
+        leaks = _leakage(args, synthetic, test)
+        if leaks and not args.allow_leakage:
+            raise ValueError(f"the synthetic set may have seen the test split ({args.test_split}): {leaks[0]}"
+                             + (f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else "")
+                             + "; use one made without those tiles, or pass --allow-leakage to report it anyway")
+    subsets = _read_subsets(args.subsets, args, len(train)) if args.subsets is not None else None
     config = segmenter_preset(args.preset, cs.num_classes, steps=args.steps, batch_size=args.batch_size, crop=args.crop)
     device = pick_device(args.device)
     result = downstream(train, test, config, synthetic, fractions, list(range(args.seeds)), device=str(device),
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                        log=lambda m: print(m, file=sys.stderr, flush=True), subsets=subsets)
     result = {
         "real": str(args.real), "synthetic": None if args.synthetic is None else str(args.synthetic),
         "train_split": args.train_split, "test_split": args.test_split, "test_patches": len(test),
+        "leakage": leaks, "subsets_file": None if args.subsets is None else str(args.subsets),
         "segmenter": config.to_dict(), **result,
     }
     from nucsynth import outputs
@@ -111,30 +141,88 @@ def _downstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leakage(args: argparse.Namespace, synthetic: Any, test: Any) -> list[str]:
+    """Problems found by :func:`nucsynth.evaluate.downstream.leakage` for the synthetic store."""
+    from nucsynth.evaluate.downstream import leakage
+    from nucsynth.io.store import DatasetStore
+
+    eval_tiles = {str(s.provenance.get("tile")) for s in test if s.provenance.get("tile")}
+    store = DatasetStore.open(args.synthetic)
+    idx = range(len(store)) if args.synthetic_split == "all" else store.indices(args.synthetic_split).tolist()
+    return leakage([store.provenance(int(i)) for i in idx], eval_tiles)
+
+
+def _read_subsets(path: Path, args: argparse.Namespace, n_train: int) -> dict[float, list[int]]:
+    """The subsets of a ``nucsynth evaluate subsets`` file, checked against the training split."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        subsets = {float(k): [int(i) for i in v] for k, v in doc["subsets"].items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--subsets {path} is not a subsets file written by 'nucsynth evaluate subsets': {e}") from None
+    if doc.get("split") != args.train_split or int(doc.get("n", -1)) != n_train:
+        raise ValueError(f"--subsets {path} chose from {doc.get('n')} patches of split {doc.get('split')!r}; "
+                         f"the training split {args.train_split!r} of {args.real} has {n_train}")
+    return subsets
+
+
+def _subsets(args: argparse.Namespace) -> int:
+    from nucsynth.evaluate.subsets import kmeans_subsets, patch_features
+
+    fractions = _fractions(args.fractions)
+    _check_outputs(args, [args.out], {"--data": args.data})
+    data = load_split(args.data, args.split)
+    if args.clusters < 1 or args.clusters > len(data):
+        raise ValueError(f"--clusters must be in 1..{len(data)} (the patches of split {args.split!r}), got {args.clusters}")
+    feats = patch_features([s.image for s in data])
+    chosen = kmeans_subsets(feats, fractions, k=args.clusters, seed=args.seed)
+    doc = {"method": "kmeans", "features": "H&E optical density statistics + gradient (nucsynth.evaluate.subsets)",
+           "clusters": args.clusters, "seed": args.seed, "data": str(args.data), "split": args.split, "n": len(data),
+           "subsets": {f"{f:g}": idx.tolist() for f, idx in chosen.items()}}
+    write_json(args.out, doc, overwrite=args.overwrite)
+    print(f"wrote {args.out}: " + ", ".join(f"{f:g}: {len(i)} patches" for f, i in chosen.items())
+          + f" of {len(data)} ({args.split}), k-means with {args.clusters} clusters")
+    return 0
+
+
 def _fidelity(args: argparse.Namespace) -> int:
     from nucsynth.device import pick_device
     from nucsynth.evaluate.downstream import fidelity
     from nucsynth.evaluate.segmenter import load_segmenter
 
     if args.out is not None:
-        _check_outputs(args, [args.out / "fidelity.json"], {"STORE": args.store, "--model": args.model})
+        _check_outputs(args, [args.out / "fidelity.json"], {"STORE": args.store, "--model": args.model, "--real": args.real})
     device = pick_device(args.device)
-    net, class_set, _ = load_segmenter(args.model, device)
+    net, class_set, extra = load_segmenter(args.model, device)
     data = load_split(args.store, args.split)
     from nucsynth.layout import Sample
 
     # Predictions carry the segmenter's class ids, so the truth is brought into the segmenter's
     # class set by name (any order; other classes are refused here, before any prediction).
     data = [Sample(s.layout.to_class_set(class_set), s.image, s.provenance) for s in data]
-    res: dict[str, Any] = fidelity(data, net, device=str(device))
+    if args.real is not None:
+        reference = fidelity(load_split(args.real, args.real_split), net, device=str(device))["summary"]
+        ref_from = f"{args.real} ({args.real_split})"
+    else:
+        reference = extra.get("fidelity_reference")
+        ref_from = str(extra.get("fidelity_reference_data", "the model's record"))
+    res: dict[str, Any] = fidelity(data, net, device=str(device), reference=reference)
     s = res["summary"]
     print(f"{res['n_samples']} samples: score {s['score']:.4f}  PQ {s['pq']:.4f}  F_d {s['f_d']:.4f}  F1 mean {s['f1_mean']:.4f}")
+    if "relative" in res:
+        r, ref = res["relative"], res["reference"]
+        print(f"relative to real images ({ref_from}: score {ref['score']:.4f}): score {r['score']:.3f}  PQ {r['pq']:.3f}  "
+              f"F_d {r['f_d']:.3f}  F1 mean {r['f1_mean']:.3f}  (1 = as faithful as real tissue)")
+        res["reference_data"] = ref_from
+    else:
+        print("no real-image reference (pass --real STORE): absolute scores depend on the segmenter")
     if args.min_score is not None:
         bad = [r["index"] for r in res["per_sample"] if r["score"] < args.min_score]
         res["below_min_score"] = bad
         print(f"{len(bad)} samples score below {args.min_score}: {bad}")
     if args.out is not None:
-        write_json(args.out / "fidelity.json", json_safe({"store": str(args.store), "model": str(args.model), **res}),
+        write_json(args.out / "fidelity.json", json_safe({"store": str(args.store), "model": str(args.model or "shipped"), **res}),
                    overwrite=args.overwrite)
     return 0
 
@@ -207,5 +295,5 @@ def _check_outputs(args: argparse.Namespace, files: list[Path], inputs: dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``downstream`` / ``fidelity`` / ``quality``."""
-    return {"downstream": _downstream, "fidelity": _fidelity, "quality": _quality}[args.action](args)
+    """Dispatch ``downstream`` / ``fidelity`` / ``quality`` / ``subsets``."""
+    return {"downstream": _downstream, "fidelity": _fidelity, "quality": _quality, "subsets": _subsets}[args.action](args)
