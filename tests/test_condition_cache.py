@@ -161,3 +161,21 @@ def test_windowed_sampling_keeps_one_set_per_distinct_window(monkeypatch):
         for _ in range(3):
             assert torch.equal(kept_fn(x, t, cond), ref)
     assert 0 < count.calls <= cache.conditions * spades
+
+
+def test_inference_runs_channels_last_on_cpu_with_the_same_output():
+    from nucsynth.device import inference_memory_format
+
+    assert inference_memory_format(torch.device("cpu")) == torch.channels_last
+    net, cond = _net(), _cond(2)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([50, 700])
+    seen = []
+    hook = net.input_conv.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    try:
+        train_like = net(x, t, cond).detach()  # gradients on: NCHW as given
+        with torch.no_grad():
+            infer = net(x, t, cond)
+    finally:
+        hook.remove()
+    assert seen == [False, True]
+    torch.testing.assert_close(infer, train_like, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["pick_device", "describe_device", "available_memory", "feature_cache_budget"]
+__all__ = ["pick_device", "describe_device", "inference_memory_format", "available_memory", "feature_cache_budget"]
 
 # Share of the free memory that kept condition features may take (the rest is for the
 # network's activations and everything else the process does).
@@ -52,6 +52,18 @@ def describe_device(device: "torch.device") -> str:  # noqa: F821
     from nucsynth.threads import wait_policy
 
     return f"CPU ({torch.get_num_threads()} threads, {wait_policy()} wait)"
+
+
+def inference_memory_format(device: "torch.device") -> "torch.memory_format":  # noqa: F821
+    """The memory format the engine's convolution networks run inference in on ``device``.
+
+    CPU: ``channels_last`` (measured on the SPADE U-Net, 1 thread, CPU time of one forward:
+    0.81x of NCHW for ``tiny`` and 0.83x for ``base`` at 256 px, 1.0x for ``tiny`` at
+    64 px; outputs equal to ~1e-6). Elsewhere the default (contiguous), not measured here.
+    """
+    import torch
+
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:

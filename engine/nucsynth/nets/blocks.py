@@ -94,6 +94,8 @@ class SPADE(nn.Module):
         """``(1 + gamma, beta)`` (B, C, H, W) of condition ``cond`` for features ``x`` (B, C, H, W)."""
         if cond.shape[-2:] != x.shape[-2:]:
             cond = F.interpolate(cond, size=x.shape[-2:], mode="nearest")
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            cond = cond.contiguous(memory_format=torch.channels_last)  # gamma/beta in x's layout
         a = self.shared(cond.to(x.dtype))
         return 1 + self.gamma(a), self.beta(a)
 
