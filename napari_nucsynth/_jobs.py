@@ -20,7 +20,8 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable, Generator
+from collections.abc import Generator
+from typing import Any, Callable
 
 __all__ = ["Cancelled", "engine_steps", "Job", "run_now"]
 

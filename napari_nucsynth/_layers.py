@@ -17,7 +17,10 @@ the user edits any of them: painting a new nucleus gives it the selected class, 
 over the class layer re-classes the nuclei touched, adding a point adds a nucleus (a point
 with no pixels yet), dragging a point moves its nucleus
 (``nucsynth.edit.enlarge.shift_nucleus``: never onto another nucleus or off the canvas),
-deleting a point deletes its nucleus, erasing a nucleus' last pixel deletes it.
+deleting a point deletes its nucleus, erasing a nucleus' last pixel deletes it. Each edit
+is one step of the layout's own undo history (Ctrl+Z / Ctrl+Shift+Z on its layers), edits
+the layout cannot hold are refused, and lost or renamed layers can be rebuilt
+(:meth:`LayoutLayers.recover`).
 """
 
 from __future__ import annotations

@@ -94,6 +94,13 @@ def test_render_adds_an_image_beside_the_layout(dock, qtbot) -> None:
     assert meta["steps"] == 4 and meta["checkpoint"] == dock.ckpt_edit.text()
     assert layer.translate[1] >= SIZE  # beside the layout, not over it
     assert [ly.name for ly in dock.viewer.layers][:3] == ["tile instances", "tile classes", "tile centroids"]
+    # the render measured this device's speed: the next one is estimated before it starts
+    assert "the time is measured on the first step" not in dock.estimate_label.text()
+    assert "about" in dock.estimate_label.text() and dock.estimate_s is not None and dock.estimate_s > 0
+    four = dock.estimate_s
+    dock.steps_spin.setValue(400)  # the estimate follows the settings: 100x the steps, 100x the time
+    assert dock.estimate_s == pytest.approx(100 * four, rel=1e-6)
+    assert "cpu" in [dock.device_combo.itemText(i) for i in range(dock.device_combo.count())]
 
 
 def test_rerender_region_changes_only_the_edited_region(dock, qtbot) -> None:
