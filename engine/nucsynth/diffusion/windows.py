@@ -76,27 +76,29 @@ def blend_weights(size: tuple[int, int], window: tuple[int, int], overlap: int) 
 
 
 def windowed(net_fn: NetFn, window: int, overlap: float = DEFAULT_OVERLAP, per_call: int = WINDOWS_PER_CALL) -> NetFn:
-    """``net_fn(x, t, cond)`` over overlapping windows of ``window`` (state units) when the
+    """``net_fn(x, t, *conds)`` over overlapping windows of ``window`` (state units) when the
     canvas is larger than one window; unchanged below that (the same calls, the same
-    numbers). ``cond`` is a tensor at ``scale`` times the state's resolution (inferred from
-    the shapes) or a mapping of such tensors; ``per_call`` windows share one network call."""
+    numbers). Each condition is a map (B, [C,] H, W) at an integer multiple of the state's
+    resolution (cropped with the window), a per-sample vector (B, F) (repeated), or a
+    mapping of these; ``per_call`` windows share one network call."""
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     if not 0.0 <= overlap < 0.5:
         raise ValueError(f"overlap must be in [0, 0.5), got {overlap}")
 
-    def crop(c: Any, y0: int, x0: int, wy: int, wx: int, h: int) -> Any:
-        if isinstance(c, Tensor) and c.ndim == 4:
+    def crop(c: Any, y0: int, x0: int, wy: int, wx: int, h: int, w: int) -> Any:
+        # maps (B, [C,] H, W) at s times the state's resolution are cropped; vectors pass
+        if isinstance(c, Tensor) and c.ndim >= 3 and c.shape[-2] % h == 0 and c.shape[-1] % w == 0:
             s = c.shape[-2] // h
-            return c[:, :, y0 * s : (y0 + wy) * s, x0 * s : (x0 + wx) * s]
+            return c[..., y0 * s : (y0 + wy) * s, x0 * s : (x0 + wx) * s]
         if isinstance(c, Mapping):
-            return {k: crop(v, y0, x0, wy, wx, h) for k, v in c.items()}
+            return {k: crop(v, y0, x0, wy, wx, h, w) for k, v in c.items()}
         return c
 
-    def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def fn(x: Tensor, t: Tensor, *conds: Any) -> Tensor:
         b, _, h, w = x.shape
         if h <= window and w <= window:
-            return net_fn(x, t, cond)
+            return net_fn(x, t, *conds)
         wy, wx = min(window, h), min(window, w)
         origins, weights = blend_weights((h, w), (wy, wx), int(round(overlap * window)))
         weights = weights.to(x.device, x.dtype)
@@ -106,8 +108,8 @@ def windowed(net_fn: NetFn, window: int, overlap: float = DEFAULT_OVERLAP, per_c
             chunk = origins[k0 : k0 + per_call]
             xs = torch.cat([x[:, :, y0 : y0 + wy, x0 : x0 + wx] for y0, x0 in chunk])
             ts = t.repeat(len(chunk)) if t.ndim else t
-            cs = _cat_conds([crop(cond, y0, x0, wy, wx, h) for y0, x0 in chunk])
-            pred = net_fn(xs, ts, cs)
+            cs = [_cat_conds([crop(c, y0, x0, wy, wx, h, w) for y0, x0 in chunk]) for c in conds]
+            pred = net_fn(xs, ts, *cs)
             if out is None:
                 out = torch.zeros((b, pred.shape[1], h, w), device=x.device, dtype=pred.dtype)
             for j, (y0, x0) in enumerate(chunk):
@@ -151,9 +153,10 @@ def seam_ratio(image: Any, window: int, overlap: float = DEFAULT_OVERLAP, shift:
 
 
 def _cat_conds(conds: list[Any]) -> Any:
+    """One condition per window (each with the batch first) -> one batch, window-major."""
     first = conds[0]
     if isinstance(first, Tensor):
-        return torch.cat(conds)
+        return torch.cat(conds) if first.ndim else first
     if isinstance(first, Mapping):
         return {k: _cat_conds([c[k] for c in conds]) for k in first}
     return first

@@ -406,6 +406,7 @@ class JointModel(ModelFamily):
     ) -> JointMaps:
         from nucsynth.diffusion import Stepper, guided
         from nucsynth.diffusion.noise import exact_rows, generators, randn, row_seeds
+        from nucsynth.diffusion.windows import windowed
         from nucsynth.diffusion.sampling import DEFAULT_SPACING
         from nucsynth.models.semantic import to_uint8
 
@@ -423,7 +424,9 @@ class JointModel(ModelFamily):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 return net(x[:, :3], x[:, 3:4], x[:, 4].long(), t, c["points"], c["text"]).float()
 
-        model_fn = guided(exact_rows(net_fn, dev), cond, null, float(guidance), eps_channels=self.config.out_channels)
+        # a canvas larger than the training size: overlapping windows of it, denoised together
+        net_win = windowed(net_fn, self.config.image_size)
+        model_fn = guided(exact_rows(net_win, dev), cond, null, float(guidance), eps_channels=self.config.out_channels)
         img_p = self.image_diffusion.respaced(int(steps), DEFAULT_SPACING[sampler])
         ts = img_p.timesteps.tolist()  # ONE step set for all three outputs
         dist_p = self.dist_diffusion.respaced(ts)

@@ -225,6 +225,7 @@ class StructureModel(ModelFamily):
     ) -> torch.Tensor:
         from nucsynth.diffusion import sample
         from nucsynth.diffusion.noise import exact_rows, generators, row_seeds
+        from nucsynth.diffusion.windows import windowed
 
         dev = next(net.parameters()).device
         amp = dev.type == "cuda"
@@ -238,7 +239,9 @@ class StructureModel(ModelFamily):
         gen = generators(row_seeds(seed, count), dev)  # structure i gets seed + i, alone or in a batch
         try:
             with torch.no_grad():
-                return sample(self.diffusion, exact_rows(net_fn, dev), (count, CHANNELS, *size), steps, method=sampler,
+                # a canvas larger than the training size: overlapping windows of it, denoised together
+                model_fn = exact_rows(windowed(net_fn, self.config.image_size), dev)
+                return sample(self.diffusion, model_fn, (count, CHANNELS, *size), steps, method=sampler,
                               generator=gen, progress=progress, device=dev)
         finally:
             net.train(was_training)
