@@ -133,3 +133,21 @@ def test_open_any_patch_of_a_multi_patch_dataset_for_editing(designer, tmp_path)
     assert np.array_equal(lay.inst_map > 0, samples[4].layout.inst_map > 0)
     assert sorted(lay.classes.tolist()) == sorted(samples[4].layout.classes.tolist())
     assert ctrl.instances.translate[1] > 48  # beside the stacks, not over them
+
+
+def test_a_deleted_layer_is_reported_and_repaired(designer, monkeypatch) -> None:
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    click(designer, designer.random_btn)
+    ctrl = designer.ctrl
+    before = ctrl.layout()
+    viewer = designer.viewer
+    viewer.layers.remove(ctrl.classes)
+    assert designer.repair_btn.isEnabled() and "classes layer deleted" in designer.status.text()
+    designer.balance_btn.click()  # refused with the reason, nothing half-done
+    assert shown and "Repair layers" in shown[-1] and designer.proposal is None
+    designer.repair_btn.click()
+    assert not designer.repair_btn.isEnabled()
+    assert f"{ctrl.name} classes" in viewer.layers and designer.ctrl is ctrl
+    assert ctrl.layout().equals(before)
+    assert (viewer.layers[f"{ctrl.name} classes"].data == before.type_map()).all()
