@@ -139,13 +139,18 @@ def row_checksums(image: np.ndarray, inst_map: np.ndarray, start: int, classes: 
     The table row is the patch's first nucleus index and count, its classes (int64) and
     centroids (float64), split and provenance JSON text, all little-endian.
     """
-    img = zlib.crc32(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
-    inst = zlib.crc32(np.ascontiguousarray(inst_map, dtype="<i4").tobytes())
+    img = zlib.crc32(_bytes_view(image, np.uint8))
+    inst = zlib.crc32(_bytes_view(inst_map, "<i4"))
     t = zlib.crc32(np.array([start, len(classes)], dtype="<i8").tobytes())
     t = zlib.crc32(np.ascontiguousarray(classes, dtype="<i8").tobytes(), t)
     t = zlib.crc32(np.ascontiguousarray(centroids, dtype="<f8").tobytes(), t)
     t = zlib.crc32(split.encode("utf-8") + b"\0" + provenance.encode("utf-8"), t)
     return img, inst, t
+
+
+def _bytes_view(a: np.ndarray, dtype: Any) -> memoryview:
+    """The bytes of ``a`` as ``dtype`` in C order, without a copy when it already is."""
+    return memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B")
 
 
 # ---------------------------------------------------------------------- the writer lock
