@@ -429,3 +429,27 @@ def test_checkpoint_on_a_full_disk_is_one_line_naming_the_checkpoint(tmp_path, m
     with pytest.raises(outputs.OutputError, match=r"cannot write .*step_0000001: the disk is full \(no checkpoint"):
         _toy_checkpoint(tmp_path / "step_0000001")
     assert list(tmp_path.iterdir()) == []  # no temporary folder left
+
+
+def test_version_1_store_is_read_and_repair_upgrades_it(tmp_path):
+    import shutil
+
+    from nucsynth.io import FormatError
+
+    p = tmp_path / "s.zarr"
+    samples = _store(p)
+    # what earlier releases wrote: version 1, no checksum table
+    shutil.rmtree(p / "checksums")
+    meta = json.loads((p / "zarr.json").read_text())
+    meta["attributes"]["nucsynth_store"]["version"] = 1
+    (p / "zarr.json").write_text(json.dumps(meta))
+    for a, b in zip(samples, DatasetStore.open(p)):
+        assert_same(a, b)
+    with DatasetStore.open(p, mode="a") as st, pytest.raises(FormatError, match="version 1.*--repair"):
+        st.append(make_samples(1))
+    assert main(["check", str(p)]) == 0  # readable: nothing to drop, only an upgrade to offer
+    assert main(["check", str(p), "--repair", "--yes"]) == 0
+    st = DatasetStore.open(p)
+    assert st.version == 2 and st.check().ok and len(st) == 6
+    for a, b in zip(samples, st):
+        assert_same(a, b)
