@@ -204,7 +204,7 @@ class Job:
 
     # ------------------------------------------------------------------ main-thread handlers
     def _yielded(self, item: Any) -> None:
-        if self._ended or item is None:
+        if self._ended or item is None or self.returned_at is not None:  # late reports change nothing
             return
         i, n = item
         if self.pbar is not None:

@@ -85,6 +85,9 @@ def main() -> int:
     _wait(app, lambda: not designer.busy)
     designer.select_class(1)
     viewer.reset_view()
+    from qtpy.QtWidgets import QScrollArea
+
+    designer.findChild(QScrollArea).ensureWidgetVisible(designer.keep_btn)  # the proposal's counts and Keep
     _save(viewer, args.out / "designer.png")
     designer.keep_btn.click()
     viewer.window.remove_dock_widget(dw)
