@@ -317,6 +317,19 @@ class Synthesizer:
         """The training patch size (px) of the model that renders the images."""
         return (self.image_model if self.family == "structure" else self.model).image_size
 
+    @property
+    def layout_stats(self) -> tuple[Any, str]:
+        """``(LayoutStats, origin)`` for generating new layouts for this model: the
+        ``layout_stats.json`` beside its checkpoint (its folder or its run folder; written by
+        ``nucsynth train``) else the built-in CoNSeP statistics; ``origin`` (the file, or
+        ``"builtin:consep"``) is what provenance records."""
+        if not hasattr(self, "_layout_stats"):
+            from nucsynth.generate.stats import find_layout_stats
+
+            stats, path = find_layout_stats(self.checkpoint)
+            self._layout_stats = (stats, "builtin:consep" if path is None else str(path))
+        return self._layout_stats
+
     def _renderer(self) -> tuple[Any, Mapping[str, Any], Path]:
         if self.family == "structure":
             return self.image_model, self.image_config or {}, self.image_checkpoint  # type: ignore[return-value]
@@ -678,6 +691,10 @@ class SynthesisJob:
             raise ValueError("a synthesis job needs at least one item")
         if options.guidance is None:
             raise ValueError("options are not resolved: call Synthesizer.resolve(options) first")
+        shapes = sorted({tuple(it.layout.shape) if it.layout is not None else tuple(it.size or ()) for it in items})
+        if len(shapes) > 1:
+            raise ValueError(f"a store holds patches of one size; the layouts of this job have sizes {shapes[:4]}"
+                             f"{' ...' if len(shapes) > 4 else ''}: tile the source first (nucsynth prepare)")
         self.synth, self.items, self.options = synth, list(items), options
         self.out = Path(out)
         self.overwrite = overwrite
