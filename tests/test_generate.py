@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -201,35 +200,28 @@ def test_procedural_image_of_empty_and_point_layouts():
 
 
 def test_measure_script_on_fixture(tmp_path):
-    """The measuring script reads CoNSeP-style .mat files and prints per-class statistics."""
+    """The measuring script reads a CoNSeP-style folder and prints per-class statistics."""
     from scipy.io import savemat
+    from skimage.io import imsave
 
     (tmp_path / "Labels").mkdir()
+    (tmp_path / "Images").mkdir()
     for s in range(2):
-        lay = random_layout((96, 96), density=120, seed=s)
+        sample = procedural_sample((96, 96), density=120, seed=s)
+        lay = sample.layout
+        imsave(tmp_path / "Images" / f"train_1_{s:03d}.png", sample.image, check_contrast=False)
         savemat(tmp_path / "Labels" / f"train_1_{s:03d}.mat",
-                {"inst_map": lay.inst_map, "inst_type": lay.classes.reshape(-1, 1).astype(np.int32)})
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_layout_stats.py"), str(tmp_path)],
+                {"inst_map": lay.inst_map, "inst_type": lay.classes.reshape(-1, 1).astype(np.int32),
+                 "type_map": lay.type_map, "inst_centroid": lay.centroids[:, ::-1]})
+    script = str(ROOT / "scripts" / "measure_layout_stats.py")
+    out = subprocess.run([sys.executable, script, str(tmp_path), "--json", str(tmp_path / "s.json")],
                          capture_output=True, text=True, check=True).stdout
     assert "patches: 2" in out
     for name in CONSEP_CLASSES.names:
         assert name in out
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_layout_stats.py"), str(tmp_path / "none")],
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "no .mat label files" in bad.stderr
-
-
-def test_stats_match_real_data(consep_dir):
-    """The documented constants are what the script measures on the real data (a subset here)."""
-    spec = importlib.util.spec_from_file_location("mls", ROOT / "scripts" / "measure_layout_stats.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    files = sorted((consep_dir / "Labels").glob("*.mat"))
-    assert len(files) == 432
-    per_patch = [np.bincount(mod.read_labels(f)[1], minlength=5)[1:] for f in files[::8]]
-    shares = np.sum(per_patch, axis=0) / np.sum(per_patch)
-    assert np.allclose(shares, gs.default_class_shares(CONSEP_CLASSES), atol=0.06)
-    assert abs(np.median(np.sum(per_patch, axis=1)) - gs.NUCLEI_PER_PATCH_MEDIAN) < 15
+    assert gs.LayoutStats.load(tmp_path / "s.json").patches == 2
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_shape_irregularity_matches_measured_solidity():

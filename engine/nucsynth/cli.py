@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 # Order shown in --help. A module listed here must exist.
-COMMANDS = ("prepare", "train", "synthesize", "edit", "evaluate", "segmenter", "check", "demo")
+COMMANDS = ("prepare", "stats", "train", "synthesize", "edit", "evaluate", "segmenter", "check", "demo")
 
 
 def _load(name: str):

@@ -1,7 +1,9 @@
 """Layout generators: random layouts, nuclei grown from points, and points from labels.
 
-Sizes, shapes, spacing and the class mix come from the statistics measured on real CoNSeP
-data (:mod:`nucsynth.generate.stats`). Every generator is deterministic for a given seed.
+Sizes, shapes, the density and the class mix come from a :class:`LayoutStats`: fitted to the
+user's own data (:mod:`nucsynth.generate.fit`) or, by default, the statistics measured on
+real CoNSeP data (:mod:`nucsynth.generate.stats`). Every generator is deterministic for a
+given seed and statistics.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from nucsynth.generate.stats import (
+    CONSEP_LAYOUT_STATS,
     PATCH_AREA,
-    NUCLEI_PER_PATCH_MEDIAN,
+    LayoutStats,
     NucleusStats,
     arrangement_for_class,
-    default_class_shares,
-    stats_for_class,
 )
-from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, LayoutError
+from nucsynth.layout import ClassSet, Layout, LayoutError
 
 __all__ = ["random_layout", "nuclei_from_points", "points_from_labels", "nucleus_shape"]
 
@@ -163,20 +164,34 @@ def _check_shares(class_shares, k: int) -> np.ndarray:
     return s / s.sum()
 
 
+def _check_stats(stats: LayoutStats | None) -> LayoutStats:
+    if stats is None:
+        return CONSEP_LAYOUT_STATS
+    if not isinstance(stats, LayoutStats):
+        raise LayoutError(f"stats must be a LayoutStats (nucsynth.generate.stats), got {type(stats).__name__}")
+    return stats
+
+
 def random_layout(
     shape: tuple[int, int],
-    class_set: ClassSet = CONSEP_CLASSES,
+    class_set: ClassSet | None = None,
     density: float | None = None,
     class_shares=None,
     seed: int = 0,
     arrangement: str = "clustered",
+    stats: LayoutStats | None = None,
 ) -> Layout:
     """A random layout of non-overlapping, ellipse-like nuclei with slightly irregular borders.
 
-    ``density`` is the number of nuclei per 256 x 256 px (default: the CoNSeP median, 38.5);
-    ``class_shares`` (K numbers, normalized here) sets the class mix (default: the measured
-    CoNSeP mix for CoNSeP classes, equal shares otherwise). Sizes and axis ratios are drawn per
-    class from log-normal fits of the measured statistics. ``arrangement="clustered"`` puts
+    ``stats`` (a :class:`LayoutStats`, e.g. fitted by :func:`nucsynth.generate.fit.fit_layout_stats`;
+    default: the built-in CoNSeP statistics) gives every default below; ``class_set`` defaults
+    to the statistics' own (CoNSeP for the built-in ones); its classes take the statistics of
+    the class of the same name, else of a CoNSeP-like profile, else the pooled ones
+    (:meth:`LayoutStats.nucleus`). ``density`` is the number of nuclei per 256 x 256 px
+    (default: the statistics' median, 38.5 for CoNSeP); ``class_shares`` (K numbers,
+    normalized here) sets the class mix (default: the measured mix when the statistics name
+    every class, equal shares otherwise). Sizes and axis ratios are drawn per class from
+    log-normal fits of the statistics. ``arrangement="clustered"`` puts
     epithelial-like nuclei on gland rings, spindle-like nuclei in oriented streams and
     inflammatory nuclei in loose clumps; ``"uniform"`` scatters every nucleus uniformly.
     Nuclei keep a 1 px gap between each other; nuclei may be cut by the canvas border (as in
@@ -187,31 +202,33 @@ def random_layout(
         raise LayoutError(f"shape must be (H, W) with H, W >= 8, got {shape}")
     if arrangement not in ("clustered", "uniform"):
         raise LayoutError(f"arrangement must be 'clustered' or 'uniform', got {arrangement!r}")
+    st = _check_stats(stats)
+    class_set = st.class_set if class_set is None else class_set
     h, w = int(shape[0]), int(shape[1])
-    dens = NUCLEI_PER_PATCH_MEDIAN if density is None else float(density)
+    dens = st.nuclei_per_patch_median if density is None else float(density)
     if not math.isfinite(dens) or dens < 0:
         raise LayoutError(f"density must be a finite number of nuclei per 256x256 px >= 0, got {density}")
     k = class_set.num_classes
-    shares = default_class_shares(class_set) if class_shares is None else _check_shares(class_shares, k)
+    shares = st.class_shares(class_set) if class_shares is None else _check_shares(class_shares, k)
     rng = np.random.default_rng(seed)
     n = int(round(dens * h * w / PATCH_AREA))
     classes = rng.choice(np.arange(1, k + 1), size=n, p=shares)
-    stats = {c: stats_for_class(class_set, c) for c in range(1, k + 1)}
+    nstats = {c: st.nucleus(class_set, c) for c in range(1, k + 1)}
     proposals: dict[int, Proposal] = {}
     for c in range(1, k + 1):
         m = int((classes == c).sum())
         kind = arrangement_for_class(class_set, c) if arrangement == "clustered" else "scatter"
         if kind == "gland" and m:
-            proposals[c] = _gland_proposal(h, w, m, stats[c], rng)
+            proposals[c] = _gland_proposal(h, w, m, nstats[c], rng)
         elif kind == "stream" and m:
-            proposals[c] = _stream_proposal(h, w, m, stats[c], rng)
+            proposals[c] = _stream_proposal(h, w, m, nstats[c], rng)
         elif kind == "clump" and m:
             proposals[c] = _clump_proposal(h, w, m, rng)
         else:
             proposals[c] = _uniform_proposal(h, w)
     anywhere = _uniform_proposal(h, w)
     # Big nuclei first: they are the hardest to fit.
-    sizes = np.array([stats[c].log_area_mu for c in classes])
+    sizes = np.array([nstats[c].log_area_mu for c in classes])
     order = np.argsort(-sizes, kind="stable")
     inst = np.zeros((h, w), np.int32)
     blocked = np.zeros((h, w), bool)  # nuclei grown by 1 px: keeps a gap between nuclei
@@ -224,7 +241,7 @@ def random_layout(
                 continue
             if blocked[min(int(round(y)), h - 1), min(int(round(x)), w - 1)]:
                 continue  # cheap early rejection before drawing a shape
-            sh = _sample_shape(stats[c], rng, angle)
+            sh = _sample_shape(nstats[c], rng, angle)
             top, left = int(round(y - sh.centre[0])), int(round(x - sh.centre[1]))
             win = _paste_window((h, w), sh.mask, top, left)
             if win is None:
@@ -257,10 +274,11 @@ def _centroid_pixels(layout: Layout) -> np.ndarray:
     return yx
 
 
-def nuclei_from_points(layout: Layout, seed: int = 0) -> Layout:
+def nuclei_from_points(layout: Layout, seed: int = 0, stats: LayoutStats | None = None) -> Layout:
     """Grow a plausible nucleus at every centroid that has no pixels yet.
 
-    Each point-only nucleus gets a shape drawn from its class statistics (random orientation),
+    Each point-only nucleus gets a shape drawn from its class statistics in ``stats``
+    (default: the built-in CoNSeP statistics; see :meth:`LayoutStats.nucleus`; random orientation),
     centred on its centroid. Collisions are resolved by clipping every grown shape to its
     Voronoi cell (the pixels nearer to its centroid than to any other nucleus' centroid or
     painted pixels), so grown nuclei never overlap, and each keeps the connected part that
@@ -270,6 +288,7 @@ def nuclei_from_points(layout: Layout, seed: int = 0) -> Layout:
     Raises :class:`LayoutError` when two point-only nuclei fall on the same pixel or a point
     lies on another nucleus' painted pixels (no nucleus could contain its centroid).
     """
+    st = _check_stats(stats)
     areas = layout.areas()
     todo = np.flatnonzero(areas == 0)
     if todo.size == 0:
@@ -292,7 +311,7 @@ def nuclei_from_points(layout: Layout, seed: int = 0) -> Layout:
     rng = np.random.default_rng(seed)
     h, w = layout.shape
     for i in todo:
-        sh = _sample_shape(stats_for_class(layout.class_set, int(layout.classes[i])), rng)
+        sh = _sample_shape(st.nucleus(layout.class_set, int(layout.classes[i])), rng)
         cy, cx = layout.centroids[i]
         top, left = int(round(cy - sh.centre[0])), int(round(cx - sh.centre[1]))
         cwin, mwin = _paste_window((h, w), sh.mask, top, left)

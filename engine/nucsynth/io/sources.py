@@ -180,7 +180,7 @@ def read_layout_source(
         store = DatasetStore.open(p)
         idx = list(range(len(store))) if split is None else [int(i) for i in store.indices(split)]
         if split is not None and not idx:
-            raise ValueError(f"store {p} has no patches in split {split!r} (its splits: {sorted(set(store.splits))})")
+            raise ValueError(f"store {p} has no patches in split {split!r} (its splits: {sorted(set(store.splits.tolist()))})")
         idx = idx[:limit] if limit else idx
         items: list[Any] = [store[i] for i in idx]
         prov = [{"source": str(p), "source_index": i, "source_tile": s.provenance.get("tile")} for i, s in zip(idx, items)]
