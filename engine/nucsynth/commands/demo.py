@@ -1,7 +1,9 @@
 """``nucsynth demo``: the main job on the shipped default.
 
-Generates sample layouts from the real-data statistics, renders synthetic tissue for them
-with the shipped default semantic checkpoint (or the one given) through the synthesis engine
+Generates sample layouts from the layout statistics found beside the checkpoint
+(``layout_stats.json``, written by ``nucsynth train``; else the built-in CoNSeP ones; the
+samples' provenance says which), renders synthetic tissue for them with the shipped
+default semantic checkpoint (or the one given) through the synthesis engine
 (:mod:`nucsynth.synthesize`: bounded batches, progress per solver step, resumable), writes
 the Samples to a dataset store and a PNG overview sheet (layout beside tissue).
 """
@@ -30,11 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo store in --out")
 
 
-def demo_layouts(num: int, size: int, class_set: object, seed: int) -> list:
-    """The demo's layouts: ``random_layout`` of ``size`` px with seeds seed, seed+1, ..."""
+def demo_layouts(num: int, size: int, class_set: object, seed: int, stats: object = None) -> list:
+    """The demo's layouts: ``random_layout`` of ``size`` px with seeds seed, seed+1, ...,
+    drawn from ``stats`` (a LayoutStats; default: the built-in CoNSeP statistics)."""
     from nucsynth.generate.layouts import random_layout
 
-    return [random_layout((size, size), class_set, seed=seed + i) for i in range(num)]
+    return [random_layout((size, size), class_set, seed=seed + i, stats=stats) for i in range(num)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,11 +53,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the demo renders layouts with a semantic model; {synth.checkpoint} holds a {synth.family!r} one")
     size = args.size or synth.image_size
     opts = synth.resolve(options)
-    layouts = demo_layouts(args.num, size, synth.class_set, opts.seed)
+    stats, stats_origin = synth.layout_stats
+    layouts = demo_layouts(args.num, size, synth.class_set, opts.seed, stats)
     items = plan_items(synth, opts, layouts)
+    for it in items:
+        it.provenance.update(layout_generator="random_layout", layout_stats=stats_origin)
     store_path = args.out / "demo.zarr"
     print(f"nucsynth demo: model {synth.checkpoint} ({synth.model.preset}) on {synth.device}, {args.num} layouts "
-          f"of {size} px, batches of {opts.batch_size}", file=sys.stderr)
+          f"of {size} px from {stats_origin} statistics, batches of {opts.batch_size}", file=sys.stderr)
     job = SynthesisJob(synth, items, opts, store_path, overwrite=args.overwrite, attrs={"created_by": "nucsynth demo"})
     last = [-1]
 
