@@ -220,6 +220,7 @@ def save_checkpoint(
     train_config: Mapping[str, Any] | None = None,
     data: Mapping[str, Any] | None = None,
     raw_weights: bool = True,
+    bundle: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (temp folder, fsync, rename) and return its path.
 
@@ -227,6 +228,9 @@ def save_checkpoint(
     weights are also written as the EMA file, so sampling always finds ``ema.safetensors``).
     ``raw_weights=False`` writes only the EMA weights (a compact checkpoint for sampling).
     ``data`` is the provenance of the training data; ``train_config`` the training options.
+    ``bundle`` maps sub-folder names to finished checkpoint folders that are MOVED inside
+    this one before it is renamed into place (e.g. a latent model's ``autoencoder``), so
+    the pair appears at once or not at all.
     """
     import torch
 
@@ -274,6 +278,8 @@ def save_checkpoint(
         for f in tmp.iterdir():
             os.chmod(f, mode)
             _fsync_file(f)
+        for name, folder in (bundle or {}).items():
+            os.replace(folder, tmp / name)
         _fsync_dir(tmp)
         outputs.replace_path(tmp, final, overwrite=True)
     except OSError as e:
@@ -543,21 +549,42 @@ def load_training_state(
     return state, _load_tensors(ckpt / RNG, "cpu")
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False, half: bool = False) -> Path:
     """A compact copy of a checkpoint for sampling: ``config.json`` + ``ema.safetensors``.
 
     ``src`` may be a run folder (its newest checkpoint is taken). The weights are validated
     against the config before anything is written; ``dst`` is written atomically and an
-    existing one is replaced only with ``overwrite``.
+    existing one is replaced only with ``overwrite``. ``half``: store the weights as
+    float16 (half the size; they are loaded back into float32 networks). A LATENT model
+    gets its autoencoder bundled as ``dst/autoencoder`` (exported the same way) and its
+    record points there, with the bundled copy's content hash.
     """
+    import torch
+
     ckpt = find_checkpoint(src)
     model, net = load_checkpoint(ckpt)  # validates config and weights
     cfg = read_config(ckpt)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
-    save_checkpoint(dst, model, net, step=int(cfg.get("step", 0)), train_config=cfg.get("train"),
-                    data=cfg.get("data"), raw_weights=False)
+    bundle: dict[str, Path] = {}
+    if getattr(model, "is_latent", False):
+        from nucsynth.models.autoencoder import weights_hash
+
+        model.autoencoder("cpu")  # loads and checks the recorded autoencoder
+        ae_src = model._autoencoder.checkpoint
+        ae_tmp = outputs.temporary_path(dst, "autoencoder")
+        bundle["autoencoder"] = export_checkpoint(ae_src, ae_tmp, half=half)
+        model.config.latent = {**model.config.latent, "autoencoder": "autoencoder",
+                               "autoencoder_hash": weights_hash(ae_tmp)}
+    if half:
+        net = net.to(torch.float16)
+    try:
+        save_checkpoint(dst, model, net, step=int(cfg.get("step", 0)), train_config=cfg.get("train"),
+                        data=cfg.get("data"), raw_weights=False, bundle=bundle)
+    finally:
+        for folder in bundle.values():
+            shutil.rmtree(folder, ignore_errors=True)
     return dst
 
 

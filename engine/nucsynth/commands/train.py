@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", default=None,
                    help="joint: 'builtin' (default: an offline prompt encoder trained with the model) or the local "
                         "folder / weights file of a frozen open_clip text tower (PLIP, QuiltNet)")
+    p.add_argument("--precompute-latents", action="store_true",
+                   help="latent model: encode every training patch once in all 8 rotations/flips before training "
+                        "(pays off on long runs; default: encode each batch as it comes)")
     p.add_argument("--no-augment", action="store_true", help="no random rotations/flips/crops (centre crops)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     g = p.add_argument_group("optimisation (defaults: nucsynth.train.TrainConfig)")
@@ -185,11 +188,14 @@ def _resume_differences(args: argparse.Namespace, saved: dict[str, Any], provena
     return diffs
 
 
-def _dataset(model: Any, source: Any, size: int, augment: bool, seed: int) -> Any:
-    """Training items: a latent model gets its autoencoder's latents computed once up front."""
+def _dataset(model: Any, source: Any, size: int, augment: bool, seed: int, precompute: bool) -> Any:
+    """Training items; with ``precompute`` a latent model gets its autoencoder's latents
+    computed once up front (otherwise the model encodes each batch)."""
     from nucsynth.data.dataset import SampleDataset
 
-    if not getattr(model, "is_latent", False):
+    if precompute and not getattr(model, "is_latent", False):
+        raise ValueError("--precompute-latents applies to latent models (train --family semantic --autoencoder AE)")
+    if not precompute:
         return SampleDataset(source, maps=model.data_maps, size=size, augment=augment, seed=seed)
     import torch
 
@@ -245,8 +251,15 @@ def run(args: argparse.Namespace) -> int:
         args.image_size = args.image_size or 64
         model = _build_model(args, class_set)
         cfg = TrainConfig(**_given(args))
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
+        from nucsynth.generate.fit import write_run_stats
+
+        info = {k: provenance[k] for k in ("path", "kind", "split") if k in provenance}
+        print(write_run_stats(source, args.out, info, keep=args.resume)[1], file=sys.stderr)
     size = model.image_size or args.image_size or 64
-    dataset = _dataset(model, source, size, not args.no_augment, cfg.seed)
+    dataset = _dataset(model, source, size, not args.no_augment, cfg.seed, args.precompute_latents)
     print(f"nucsynth train: {model.describe()} on {provenance['count']} patches from {args.data}, "
           f"{cfg.total_steps} steps, batch {cfg.batch_size}", file=sys.stderr)
 
