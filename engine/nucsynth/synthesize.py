@@ -417,7 +417,11 @@ class Synthesizer:
         shape = items[0].layout.shape if items[0].layout is not None else items[0].size
         if shape is None:
             return
+        from nucsynth.device import feature_cache_budget
+
         need = self.memory_estimate(tuple(shape), len(items), float(options.guidance or 0.0))
+        # + what the networks may keep of condition features (nets.blocks.ConditionCache)
+        need += feature_cache_budget(self.device)
         check_memory(need, self.device, f"rendering {len(items)} canvas(es) of {shape[0]}x{shape[1]} px")
 
     def provenance(self, options: SynthesisOptions) -> dict[str, Any]:
