@@ -1,0 +1,111 @@
+"""Realism of rendered tissue, judged by a segmenter trained on REAL training tiles.
+
+For the same held-out `val` layouts (never seen by the models or the segmenter), each model
+renders one image per layout (``--steps`` DPM-Solver++ steps, guidance ``--guidance``, seed =
+the patch's index). Two figures per model:
+
+- segmenter-feature distance: Frechet distance between Gaussians fitted to the segmenter
+  encoder's pooled features of the rendered images and of the real `val` images (lower =
+  closer to real tissue; comparable only with the same segmenter);
+- layout recovery: the segmenter's mean per-patch PQ on the rendered images against the
+  layouts they were rendered from, divided by its PQ on the real `val` images against their
+  truth (1.0 = the rendering is as readable as real tissue).
+
+Targets (model issue): feature distance of the new model <= 0.5 x that of the baseline (the
+former 64 px pixel-space default), recovery >= 0.8.
+
+    python benchmarks/bench_realism.py --store runs/consep.zarr [--checkpoint NEW] --baseline OLD \
+        [--segmenter DIR] [--limit 16] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def segmenter_encoder(seg):
+    """The shared encoder of a HoVer-style segmenter as a feature extractor (all its levels)."""
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seg = seg
+
+        def forward(self, x):  # noqa: D102
+            feats, h = [], self.seg.stem(x)
+            for level in self.seg.levels:
+                h = level(h)
+                feats.append(h)
+            return feats
+
+    return Encoder()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True)
+    p.add_argument("--checkpoint", default=None, help="model to judge (default: the shipped default)")
+    p.add_argument("--baseline", default=None, help="model to compare with (e.g. the former default)")
+    p.add_argument("--segmenter", default=None, help="segmenter folder (default: the shipped one)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=16, help="val patches used (every k-th, for spread)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import torch
+
+    from nucsynth.checkpoint import load_checkpoint, resolve_checkpoint
+    from nucsynth.evaluate.image_quality import segmenter_feature_distance
+    from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
+    from nucsynth.io.store import DatasetStore
+    from nucsynth.metrics import pq
+
+    torch.set_num_threads(args.threads)
+    store = DatasetStore.open(args.store)
+    idx = store.indices(args.split)
+    idx = idx[:: max(1, len(idx) // args.limit)][: args.limit]
+    real = [store[int(i)] for i in idx]
+    seg, seg_classes, _ = load_segmenter(args.segmenter)
+    encoder = segmenter_encoder(seg)
+    real_images = [s.image for s in real]
+
+    def recovery(images: list[np.ndarray]) -> float:
+        pred = predict_layouts(seg, images, seg_classes)
+        return float(np.mean([pq(s.layout.inst_map, p.inst_map)["pq"] for s, p in zip(real, pred)]))
+
+    out: dict = {"patches": [int(i) for i in idx], "split": args.split, "steps": args.steps, "guidance": args.guidance,
+                 "segmenter": args.segmenter or "shipped", "pq_real": recovery(real_images), "models": {}}
+    models = {"model": args.checkpoint, **({"baseline": args.baseline} if args.baseline else {})}
+    for name, ckpt in models.items():
+        model, _ = load_checkpoint(resolve_checkpoint(ckpt))
+        t0 = time.perf_counter()
+        images = [model.sample([s.layout], steps=args.steps, guidance=args.guidance, seed=int(i))[0].image
+                  for s, i in zip(real, idx)]
+        secs = time.perf_counter() - t0
+        fd = segmenter_feature_distance(real_images, images, encoder)
+        rec = recovery(images)
+        out["models"][name] = {"checkpoint": str(model.checkpoint), "latent": bool(getattr(model, "is_latent", False)),
+                               "feature_distance": fd, "pq_rendered": rec, "recovery": rec / out["pq_real"],
+                               "seconds_per_patch": secs / len(real)}
+        print(f"{name}: feature distance {fd:.4f}, PQ on rendered {rec:.3f} = {rec / out['pq_real']:.2f} x real "
+              f"({out['pq_real']:.3f}), {secs / len(real):.1f} s per patch", flush=True)
+    if "baseline" in out["models"]:
+        r = out["models"]["model"]["feature_distance"] / out["models"]["baseline"]["feature_distance"]
+        out["feature_distance_ratio"] = r
+        print(f"feature distance model / baseline = {r:.3f} (target <= 0.5)")
+    print(f"layout recovery {out['models']['model']['recovery']:.2f} x real (target >= 0.8)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
