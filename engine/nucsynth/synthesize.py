@@ -318,6 +318,11 @@ class Synthesizer:
         return (self.image_model if self.family == "structure" else self.model).image_size
 
     @property
+    def render_size(self) -> int | None:
+        """The largest canvas side (px) the image model denoises in one pass (windows beyond)."""
+        return (self.image_model if self.family == "structure" else self.model).render_size
+
+    @property
     def layout_stats(self) -> tuple[Any, str]:
         """``(LayoutStats, origin)`` for generating new layouts for this model: the
         ``layout_stats.json`` beside its checkpoint (its folder or its run folder; written by
@@ -405,7 +410,7 @@ class Synthesizer:
         latent = getattr(cfg, "latent", None) or {}
         channels = int(latent.get("channels", 0)) or (3 if self.family != "joint" else int(cfg.out_channels))
         cond = int(getattr(cfg, "cond_channels", 0) or 0)
-        window = int(model.image_size or max(canvas)) // f
+        window = int(model.render_size or max(canvas)) // f
         state = (canvas[0] // f, canvas[1] // f)
         est = estimate_bytes(cfg.network, state, batch, channels, cond, window, guided=guidance != 0)
         return est + 4 * batch * canvas[0] * canvas[1] * 3 * f * f if f > 1 else est  # + decoded images

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("-n", "--num", type=int, default=8, help="number of layouts (default: 8)")
-    p.add_argument("--size", type=int, default=None, help="canvas size in px (default: the checkpoint's training size)")
+    p.add_argument("--size", type=int, default=None, help="canvas size in px (default: the largest canvas the model renders in one pass)")
     p.add_argument("--checkpoint", type=str, default=None, help="semantic checkpoint (default: the shipped one)")
     add_option_arguments(p, only=_OPTIONS)
     p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     synth = get_synthesizer(args.checkpoint, args.device)
     if synth.family != "semantic":
         raise ValueError(f"the demo renders layouts with a semantic model; {synth.checkpoint} holds a {synth.family!r} one")
-    size = args.size or synth.image_size
+    size = args.size or synth.render_size
     opts = synth.resolve(options)
     stats, stats_origin = synth.layout_stats
     layouts = demo_layouts(args.num, size, synth.class_set, opts.seed, stats)

@@ -116,6 +116,12 @@ class ModelFamily(ABC):
         """A quick look at what the model makes for the conditions of ``batch``:
         uint8 (B, H, W, 3) images (few sampler steps; used for the training previews)."""
 
+    @property
+    def render_size(self) -> int | None:
+        """Largest canvas side (px) denoised in one network pass; larger canvases are rendered
+        as overlapping windows of this size. Default: the training patch size."""
+        return self.image_size
+
     def prepare_training(self, dataset: Any) -> None:
         """Called once by :func:`nucsynth.train.train` before the first step of a FRESH run
         (not on resume), on every rank: fit data-dependent constants that the config then

@@ -281,6 +281,16 @@ class SemanticModel(ModelFamily):
 
     # ------------------------------------------------------------------ latent space
     @property
+    def render_size(self) -> int:
+        """Largest canvas side (px) denoised in one pass. Pixel models: the training crop.
+        Latent models: ``latent["render_size"]``, by default twice the training crop (a
+        latent U-Net trained on 32 x 32 latents denoises 64 x 64 latents in one pass without
+        visible loss (docs/models.md), and windows would cost about twice as much)."""
+        if not self.is_latent:
+            return int(self.config.image_size)
+        return int(self.config.latent.get("render_size") or 2 * self.config.image_size)
+
+    @property
     def is_latent(self) -> bool:
         """True for a latent-diffusion model (the U-Net denoises autoencoder latents)."""
         return self.config.latent is not None
@@ -498,7 +508,7 @@ class SemanticModel(ModelFamily):
         gen = generators(row_seeds(seed, cond.shape[0]), dev)
         channels = int(self.config.latent["channels"]) if self.is_latent else 3
         # a canvas larger than the training size is denoised as overlapping windows of it
-        net_fn = windowed(net_fn, self.config.image_size // self.config.latent_factor)
+        net_fn = windowed(net_fn, self.render_size // self.config.latent_factor)
         model_fn = guided(exact_rows(net_fn, dev), cond, torch.zeros_like(cond[:1]), float(guidance), eps_channels=channels)
         shape = (cond.shape[0], channels, cond.shape[2], cond.shape[3])
         try:
