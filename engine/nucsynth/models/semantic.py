@@ -172,7 +172,10 @@ class SemanticConfig:
         learned = bool(overrides.pop("learned_variance", False))
         edges = bool(overrides.get("edges", True))
         net = latent_unet_config(name, image_size // f, z, learned, class_set.num_classes + 1 + int(edges))
-        latent = {"autoencoder": str(autoencoder), "autoencoder_hash": weights_hash(autoencoder), "factor": f,
+        from nucsynth.checkpoint import find_checkpoint
+
+        ae_ckpt = find_checkpoint(autoencoder)  # a run folder's newest checkpoint, recorded as such
+        latent = {"autoencoder": str(ae_ckpt), "autoencoder_hash": weights_hash(ae_ckpt), "factor": f,
                   "channels": z, "label_aware": bool(ae.config.label_aware), "scale": None}
         kw: dict[str, Any] = {"preset": name, "image_size": image_size, "class_set": class_set, "network": net,
                               "prediction": "v", "learned_variance": learned, "latent": latent}
