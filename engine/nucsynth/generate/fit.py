@@ -41,8 +41,8 @@ _CLASS, _AREA, _RATIO, _ECC, _SOLID, _BORDER, _NN, _SAME = range(8)
 
 @dataclass(frozen=True)
 class Measurements:
-    """Per-nucleus rows (M, 8): class, area, axis ratio, eccentricity, solidity, touches the
-    border (0/1), nearest-neighbour distance (px, NaN when alone), nearest neighbour of the
+    """Per-nucleus rows (M, 8): class, area, axis ratio, eccentricity, solidity (NaN for a
+    nucleus cut by the border), touches the border (0/1), nearest-neighbour distance (px, NaN when alone), nearest neighbour of the
     same class (0/1); and per patch (P,): nuclei per 256 x 256 px and nuclear coverage (0-1)."""
 
     class_set: ClassSet
@@ -87,9 +87,11 @@ def measure_layouts(source: Iterable[Sample | Layout], progress: Callable[[int],
                 nn, same = np.full(1, np.nan), np.zeros(1, bool)
             for p, c, dn, sm in zip(props, cls, nn, same):
                 y0, x0, y1, x1 = p.bbox
-                border = y0 == 0 or x0 == 0 or y1 == h or x1 == w
+                if y0 == 0 or x0 == 0 or y1 == h or x1 == w:  # cut by the border: no shape figures
+                    rows.append((c, p.area, np.nan, np.nan, np.nan, True, dn, sm))
+                    continue
                 minor = max(p.axis_minor_length, 1e-6)  # a one-pixel-wide nucleus has no minor axis
-                rows.append((c, p.area, p.axis_major_length / minor, p.eccentricity, p.solidity, border, dn, sm))
+                rows.append((c, p.area, p.axis_major_length / minor, p.eccentricity, p.solidity, False, dn, sm))
         if progress is not None:
             progress(i)
     if class_set is None:
