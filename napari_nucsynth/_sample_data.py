@@ -116,8 +116,9 @@ def _start(viewer: Any, params: Any, layout: Any, name: str, translate: Any) -> 
         image = viewer.add_image(sample.image, name=f"{name} image", rgb=True, translate=translate,
                                  metadata=_metadata(sample, params, name, family))
         inst = f"{name} instances"
-        if inst in viewer.layers:  # under the layout, so its outlines show on the tissue
+        if inst in viewer.layers:  # under the layout, drawn as outlines, so the tissue shows
             viewer.layers.move(viewer.layers.index(image), viewer.layers.index(inst))
+            viewer.layers[inst].contour = 1
 
     job = Job(f"Rendering sample {name!r}", on_done=done, on_error=lambda e: show_error(f"sample render failed: {e}"),
               on_end=lambda: _RUNNING.discard(job), total=params.steps)
