@@ -230,11 +230,13 @@ def _as_int_array(a: Any, what: str, ndim: int) -> np.ndarray:
 
 def _centroids_of(inst_map: np.ndarray, n: int) -> np.ndarray:
     """Centre of mass (y, x) of ids 1..n; NaN rows for ids with no pixels."""
-    ys, xs = np.indices(inst_map.shape, dtype=np.float64)
     flat = inst_map.ravel()
-    count = np.bincount(flat, minlength=n + 1)[1 : n + 1].astype(np.float64)
-    sy = np.bincount(flat, weights=ys.ravel(), minlength=n + 1)[1 : n + 1]
-    sx = np.bincount(flat, weights=xs.ravel(), minlength=n + 1)[1 : n + 1]
+    at = np.flatnonzero(flat)  # nuclei pixels only: the same sums in the same order, ~2x faster
+    ids = flat[at]
+    width = inst_map.shape[1]
+    count = np.bincount(ids, minlength=n + 1)[1 : n + 1].astype(np.float64)
+    sy = np.bincount(ids, weights=(at // width).astype(np.float64), minlength=n + 1)[1 : n + 1]
+    sx = np.bincount(ids, weights=(at % width).astype(np.float64), minlength=n + 1)[1 : n + 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.stack([sy / count, sx / count], axis=1)
 

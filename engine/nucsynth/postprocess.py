@@ -175,8 +175,10 @@ def hv_energy(
     # float32 maps, float64 gradients, as the reference: its results to the last bit
     sob_h = 1.0 - _minmax(cv2.Sobel(_minmax(h_v[0]), cv2.CV_64F, 1, 0, ksize=sobel_ksize))
     sob_v = 1.0 - _minmax(cv2.Sobel(_minmax(h_v[1]), cv2.CV_64F, 0, 1, ksize=sobel_ksize))
-    overall = np.maximum(np.maximum(sob_h, sob_v).astype(np.float64) - (1.0 - blob), 0.0)
-    dist = -cv2.GaussianBlur((1.0 - overall) * blob, (blur_ksize, blur_ksize), 0)
+    # max(sob_h, sob_v) - (1 - blob) clipped at 0, and (1 - overall) * blob, written as
+    # selections: the same numbers (the inverted maps lie in [0, 1]) in fewer passes
+    overall = np.where(blob, np.maximum(sob_h, sob_v).astype(np.float64), 0.0)
+    dist = -cv2.GaussianBlur(np.where(blob, 1.0 - overall, 0.0), (blur_ksize, blur_ksize), 0)
     marker = fill_holes(blob & ~(overall >= marker_threshold)).astype(np.uint8)
     se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (open_ksize, open_ksize))
     marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, se)  # the border never erodes, as in the reference
@@ -200,10 +202,11 @@ def flood(energy: np.ndarray, markers: np.ndarray, blobs: np.ndarray) -> np.ndar
     owner = blobs.ravel()[at].astype(np.int64)  # blob of each marker pixel
     mark = markers.ravel()[at].astype(np.int64)
     span = int(mark.max()) + 1
-    per_blob = np.bincount(np.unique(owner * span + mark) // span, minlength=nb + 1)
-    first = np.zeros(nb + 1, np.int64)
+    pairs = np.bincount(owner * span + mark, minlength=(nb + 1) * span).reshape(nb + 1, span) > 0
+    per_blob = pairs.sum(1)  # distinct markers in each blob
+    first = np.zeros(nb + 1, np.int32)
     first[owner] = mark  # some marker of each blob: THE marker of a single-marker blob
-    out = np.where(per_blob == 1, first, 0)[blobs]
+    out = np.where(per_blob == 1, first, 0).astype(np.int32)[blobs]
     multi = per_blob >= 2
     if multi.any():  # one watershed over the bounding box of the blobs with two or more markers
         region = multi[blobs]
@@ -212,9 +215,12 @@ def flood(energy: np.ndarray, markers: np.ndarray, blobs: np.ndarray) -> np.ndar
         reg = region[box]
         seeded = watershed(energy[box], markers=np.where(reg, markers[box], 0), mask=reg)
         out[box] = np.where(reg, seeded, out[box])
+    present = pairs.any(0)
+    present[0] = False
+    if present.sum() == span - 1:  # every marker id 1..span-1 has pixels in a blob
+        return out
     lut = np.zeros(span, np.int32)  # marker ids -> 1..N, order kept (ids of vanished markers skipped)
-    present = np.unique(mark)
-    lut[present] = np.arange(1, present.size + 1, dtype=np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
     return lut[out]
 
 
