@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bench_speed.py render  [--presets base,shipped] [--size 256] [--steps 20] [--repeats 2]
     python benchmarks/bench_speed.py threads [--busy 2] [--repeats 5]
-    python benchmarks/bench_speed.py scaling [--sizes 256,512,1024] [--steps 3]
+    python benchmarks/bench_speed.py scaling [--sizes 256,512,1024] [--steps 2]
     python benchmarks/bench_speed.py cputime [--size 256] [--steps 20] [--repeats 3]
 
 Every comparison is measured interleaved in one run (A, B, B, A, ...), medians reported,
@@ -220,9 +220,9 @@ def bench_scaling(args) -> None:
     print("| size | s per step |")
     print("|---|---|")
     per_step = []
+    model.sample_tensor(model.net, _cond(model, sizes[0]), 1, 0.5, 0, "dpm++2m")  # warm-up
     for size in sizes:
         cond = _cond(model, size)
-        model.sample_tensor(model.net, cond, 1, 0.5, 0, "dpm++2m")  # warm-up
         times = []
         for r in range(args.repeats):
             t0 = time.perf_counter()
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--repeats", type=int, default=5)
     s = sub.add_parser("scaling")
     s.add_argument("--sizes", default="256,512,1024")
-    s.add_argument("--steps", type=int, default=3)
+    s.add_argument("--steps", type=int, default=2)
     s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--threads", type=int, default=None)
     c = sub.add_parser("cputime")
