@@ -3,7 +3,8 @@
 Everything but the widgets is ``nucsynth.synthesize``, the engine behind ``nucsynth
 synthesize``: layouts come from a source (``nucsynth.io.sources.read_layout_source``: a
 NucSynth store or any file/folder ``nucsynth.io`` reads) or from the layout generator
-(``nucsynth.generate.layouts.random_layout``, seed + i per layout); the options (mode
+(``nucsynth.generate.layouts.random_layout``, seed + i per layout, drawn from the layout
+statistics beside the checkpoint, else the built-in CoNSeP ones); the options (mode
 ``layout`` / ``balance`` / ``enlarge``, steps, guidance, ...) and their defaults are
 :class:`nucsynth.synthesize.SynthesisOptions`; :class:`nucsynth.synthesize.SynthesisJob`
 renders in batches into a hidden partial store, so a cancelled or killed run continues
@@ -38,7 +39,7 @@ class BatchParams:
     source_path: str = ""
     count: int = 8
     size: int = 256
-    density: float = 38.5
+    density: float | None = None  # nuclei per 256 px; None: the median of the model's layout statistics
     options: SynthesisOptions = field(default_factory=SynthesisOptions)
 
     def __post_init__(self) -> None:
@@ -73,8 +74,9 @@ def batch_steps(
     elif params.source == "generator":
         from nucsynth.generate.layouts import random_layout
 
-        source = [random_layout((params.size, params.size), class_set=cs, density=params.density, seed=opts.seed + i)
-                  for i in range(params.count)]
+        stats, stats_origin = synth.layout_stats  # beside the checkpoint, else CoNSeP
+        source = [random_layout((params.size, params.size), class_set=cs, density=params.density, seed=opts.seed + i,
+                                stats=stats) for i in range(params.count)]
         has_images = False
     else:
         from nucsynth.io.sources import read_layout_source
@@ -86,6 +88,9 @@ def batch_steps(
         items = plan_items(synth, opts, count=params.count, size=(params.size, params.size))
     else:
         items = plan_items(synth, opts, source)
+        if params.source == "generator":
+            for it in items:
+                it.provenance.update(layout_generator="random_layout", layout_stats=stats_origin)
     job = SynthesisJob(synth, items, opts, params.out, attrs={"written_by": "napari-nucsynth"})
 
     def call(progress: Any) -> Any:
@@ -147,8 +152,9 @@ class BatchWidget(QWidget):
         form.addRow("Samples (N)", self.count_spin)
         self.size_spin = QSpinBox(minimum=16, maximum=4096, value=256)
         form.addRow("Generator size (px)", self.size_spin)
-        self.density_spin = QDoubleSpinBox(minimum=0.0, maximum=1000.0, value=38.5, decimals=1)
-        self.density_spin.setToolTip("nuclei per 256 x 256 px (CoNSeP median: 38.5)")
+        self.density_spin = optional_spin(0.0, 1000.0, None, 1.0, "model's statistics",
+                                          "nuclei per 256 x 256 px; lowest: the median of the layout statistics "
+                                          "beside the checkpoint (layout_stats.json), else CoNSeP's 38.5")
         form.addRow("Generator density", self.density_spin)
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(BATCH_MODES))
@@ -228,7 +234,7 @@ class BatchWidget(QWidget):
         return BatchParams(
             checkpoint=self.ckpt_edit.text().strip(), out=self.out_edit.text().strip(),
             source=self.source_combo.currentText(), source_path=self.source_edit.text().strip(),
-            count=self.count_spin.value(), size=self.size_spin.value(), density=self.density_spin.value(),
+            count=self.count_spin.value(), size=self.size_spin.value(), density=optional_value(self.density_spin),
             options=self.options(),
         )
 

@@ -320,3 +320,25 @@ def test_fitted_on_real_consep_equals_the_documented_constants(consep_dir):
     assert st.nn_distance_quartiles == pytest.approx(ref.nn_distance_quartiles, abs=0.051)
     assert st.nn_distance_p01 == pytest.approx(ref.nn_distance_p01, abs=0.051)
     assert st.coverage_quartiles == pytest.approx(ref.coverage_quartiles, abs=0.051)
+
+
+def test_batch_dock_generator_uses_the_statistics_beside_its_checkpoint(tmp_path, one_torch_thread):
+    """The batch dock's generator pool follows the same rule as the demo (engine part, no Qt)."""
+    pytest.importorskip("qtpy")
+    from napari_nucsynth._batch import BatchParams, batch_steps
+    from nucsynth.checkpoint import default_checkpoint_dir
+    from nucsynth.io.store import DatasetStore
+    from nucsynth.synthesize import SynthesisOptions
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
+    shutil.copytree(default_checkpoint_dir(), ckpt)
+    d = CONSEP_LAYOUT_STATS.to_dict()
+    d["nuclei_per_patch_quartiles"] = [4.0, 4.0, 4.0]
+    (ckpt / LAYOUT_STATS_FILE).write_text(json.dumps(d))  # in the checkpoint folder itself
+    run = batch_steps(BatchParams(checkpoint=str(ckpt), out=str(tmp_path / "b.zarr"), count=2, size=128,
+                                  options=SynthesisOptions(steps=2, seed=0)))
+    for _ in run:
+        pass
+    store = DatasetStore.open(tmp_path / "b.zarr")
+    assert [s.layout.num_nuclei for s in store] == [1, 1]
+    assert store.provenance(1)["layout_stats"] == str(ckpt / LAYOUT_STATS_FILE)
