@@ -204,3 +204,17 @@ def test_cli_trains_autoencoder_then_latent_model(tmp_path):
     assert read_config(lat)["model"]["latent"]["scale"] > 0
     assert main(["train", "--family", "semantic", "--label-aware", "--out", str(tmp_path / "x"),
                  "--image-size", "32", *common]) == 2
+
+
+def test_latent_nudiff_stage2_with_a_plain_autoencoder(ae_ckpt, tmp_path):
+    src = _samples()
+    cs = src[0].layout.class_set
+    with pytest.raises(ValueError, match="without --label-aware"):
+        SemanticModel.from_preset("tiny", 32, cs, autoencoder=ae_ckpt, condition="structure")
+    plain = _small_ae(label_aware=False)
+    res = train(plain, SampleDataset(src, maps=(), size=32), tmp_path / "ae", TrainConfig(steps=1, batch_size=2, warmup=1))
+    m = SemanticModel.from_preset("tiny", 32, cs, autoencoder=res.checkpoint, condition="structure")
+    assert m.config.network["cond_channels"] == 3 and m.data_maps == ("mask", "hv")
+    train(m, SampleDataset(src, maps=m.data_maps, size=32), tmp_path / "s2", TrainConfig(steps=1, batch_size=2, warmup=1))
+    model, _ = load_checkpoint(tmp_path / "s2")
+    assert model.sample([src[0].layout], steps=2, seed=0)[0].image.shape == (32, 32, 3)

@@ -1,9 +1,8 @@
-"""The default semantic checkpoint shipped inside the package."""
+"""The default model shipped inside the package: a latent semantic model with its autoencoder."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from nucsynth.checkpoint import default_checkpoint_dir, load_checkpoint, read_config, resolve_checkpoint
@@ -11,22 +10,32 @@ from nucsynth.generate.layouts import random_layout
 from nucsynth.models.semantic import SemanticModel
 
 
-def test_default_is_found_small_and_complete(monkeypatch):
+def test_default_is_found_small_complete_and_never_saw_val(monkeypatch):
     monkeypatch.delenv("NUCSYNTH_CHECKPOINT", raising=False)
     path = resolve_checkpoint(None)
     assert path == default_checkpoint_dir()
-    assert (path / "ema.safetensors").stat().st_size <= 10 * 2**20
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"shipped model is {size / 2**20:.1f} MB"
     cfg = read_config(path)
     assert cfg["family"] == "semantic" and cfg["model"]["class_set"]["name"] == "consep4"
-    assert cfg["data"]["count"] == 432 and cfg["step"] == cfg["train"]["steps"]
+    assert cfg["model"]["latent"]["autoencoder"] == "autoencoder" and cfg["model"]["latent"]["label_aware"]
+    assert cfg["step"] == cfg["train"]["steps"]
+    # trained on the training split of a store split by tile: the val tiles are recorded and unseen
+    data = cfg["data"]
+    assert data["split"] == "train" and data["count"] == 352
+    groups = data["store"]["split_groups"]
+    assert len(groups["val"]) == 5 and not set(groups["val"]) & set(groups["train"])
+    ae = read_config(path / "autoencoder")
+    assert ae["family"] == "autoencoder" and ae["data"]["split"] == "train"
 
 
-def test_default_renders_nuclei_darker_than_background():
+def test_default_renders_256px_tissue_with_nuclei_darker_than_background():
     torch.set_num_threads(1)
     model, _ = load_checkpoint(default_checkpoint_dir())
-    assert isinstance(model, SemanticModel)
-    layouts = [random_layout((64, 64), model.class_set, seed=i) for i in range(3)]
+    assert isinstance(model, SemanticModel) and model.is_latent and model.render_size >= 256
+    layouts = [random_layout((256, 256), model.class_set, seed=i) for i in range(2)]
     out = model.sample(layouts, steps=8, guidance=0.5, seed=0)
+    assert out[0].image.shape == (256, 256, 3)
     grey = [s.image.astype(float).mean(-1) for s in out]
     inside = np.mean([g[l.inst_map > 0].mean() for g, l in zip(grey, layouts)])
     outside = np.mean([g[l.inst_map == 0].mean() for g, l in zip(grey, layouts)])

@@ -167,11 +167,16 @@ class SemanticConfig:
         unknown = set(overrides) - {f_.name for f_ in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown semantic config option(s) {sorted(unknown)}")
-        if overrides.get("condition", "layout") != "layout":
-            raise ValueError("latent models are conditioned on layouts (condition='layout')")
+        condition = str(overrides.get("condition", "layout"))
+        if condition not in ("layout", "structure"):
+            raise ValueError(f"semantic condition must be 'layout' or 'structure', got {condition!r}")
+        if condition == "structure" and ae.config.label_aware:
+            raise ValueError("a latent NuDiff stage-2 model (condition 'structure') needs an autoencoder whose decoder "
+                             "does not take the layout: train one without --label-aware")
         learned = bool(overrides.pop("learned_variance", False))
         edges = bool(overrides.get("edges", True))
-        net = latent_unet_config(name, image_size // f, z, learned, class_set.num_classes + 1 + int(edges))
+        cond_ch = 3 if condition == "structure" else class_set.num_classes + 1 + int(edges)
+        net = latent_unet_config(name, image_size // f, z, learned, cond_ch)
         from nucsynth.checkpoint import find_checkpoint
 
         ae_ckpt = find_checkpoint(autoencoder)  # a run folder's newest checkpoint, recorded as such
