@@ -123,6 +123,7 @@ class DesignerWidget(QWidget):
         self.proposal: LayoutLayers | None = None
         self.job: Job | None = None
         self._targets: dict[str, list[float]] = {}
+        self._stats: Any = None  # LayoutStats of the generator; None = the built-in CoNSeP ones
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         scroll = QScrollArea()
@@ -249,8 +250,14 @@ class DesignerWidget(QWidget):
         self.seed_spin = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.seed_spin.setToolTip("the same seed and settings give the same layout, balance or enlargement")
         form.addRow("Seed", self.seed_spin)
+        self.stats_edit = QLineEdit()
+        self.stats_edit.setPlaceholderText("built-in CoNSeP statistics")
+        self.stats_edit.setToolTip("layout statistics file (nucsynth stats, or layout_stats.json beside a trained "
+                                   "model): nucleus sizes, shapes, density and class mix of your data; empty: CoNSeP")
+        self.stats_edit.editingFinished.connect(self.load_layout_stats)
+        form.addRow("Statistics", self.stats_edit)
         self.density_spin = QDoubleSpinBox(minimum=0.0, maximum=1000.0, value=38.5, decimals=1)
-        self.density_spin.setToolTip("nuclei per 256 x 256 px (CoNSeP median: 38.5)")
+        self.density_spin.setToolTip("nuclei per 256 x 256 px (default: the statistics' median; CoNSeP: 38.5)")
         form.addRow("Density", self.density_spin)
         self.arrangement_combo = QComboBox()
         self.arrangement_combo.addItems(["clustered", "uniform"])
@@ -665,8 +672,25 @@ class DesignerWidget(QWidget):
         if cs.name not in self._targets:
             from nucsynth.generate.stats import default_class_shares
 
-            self._targets[cs.name] = [float(s) for s in default_class_shares(cs)]
+            self._targets[cs.name] = [float(s) for s in default_class_shares(cs, self._stats)]
         return self._targets[cs.name]
+
+    @_notify_errors
+    def load_layout_stats(self) -> None:
+        """Use the statistics file named in the Statistics field (empty: the built-in CoNSeP
+        ones) for Random layout and Nuclei from points; the density and the target shares
+        become the statistics' median density and class mix."""
+        from nucsynth.generate.stats import CONSEP_LAYOUT_STATS, LayoutStats
+
+        path = self.stats_edit.text().strip()
+        stats = LayoutStats.load(path) if path else None
+        if stats == self._stats:
+            return
+        self._stats = stats
+        self._targets.clear()  # the target mix follows the statistics
+        self.density_spin.setValue((stats or CONSEP_LAYOUT_STATS).nuclei_per_patch_median)
+        self._refresh_balance()
+        self._tell(f"layout statistics: {(stats or CONSEP_LAYOUT_STATS).describe()}")
 
     @_notify_errors
     def random_layout(self) -> None:
@@ -682,7 +706,7 @@ class DesignerWidget(QWidget):
             cs, shape = before.class_set, before.shape
         targets = self._targets_for(cs)
         seed = self.seed_spin.value()
-        kwargs = dict(class_set=cs, density=self.density_spin.value(),
+        kwargs = dict(class_set=cs, density=self.density_spin.value(), stats=self._stats,
                       class_shares=targets if sum(targets) > 0 else None, seed=seed,
                       arrangement=self.arrangement_combo.currentText())
         name = self._new_name() if before is None else None
@@ -726,7 +750,7 @@ class DesignerWidget(QWidget):
             grown = int(((before.areas() == 0) & (after.areas() > 0)).sum())
             self._tell(f"grew {grown} nuclei from points")
 
-        self._run("Nuclei from points", done, nuclei_from_points, before, seed=self.seed_spin.value())
+        self._run("Nuclei from points", done, nuclei_from_points, before, seed=self.seed_spin.value(), stats=self._stats)
 
     # ------------------------------------------------------------------ balance panel
     def _refresh_balance(self) -> None:
