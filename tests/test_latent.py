@@ -218,3 +218,23 @@ def test_latent_nudiff_stage2_with_a_plain_autoencoder(ae_ckpt, tmp_path):
     train(m, SampleDataset(src, maps=m.data_maps, size=32), tmp_path / "s2", TrainConfig(steps=1, batch_size=2, warmup=1))
     model, _ = load_checkpoint(tmp_path / "s2")
     assert model.sample([src[0].layout], steps=2, seed=0)[0].image.shape == (32, 32, 3)
+
+
+def test_decoder_finetune_keeps_the_latent_space(latent_run, ae_ckpt, tmp_path):
+    from nucsynth.models.autoencoder import same_encoder
+
+    src = _samples()
+    ft = AutoencoderModel.decoder_finetune(ae_ckpt)
+    res = train(ft, SampleDataset(src, maps=ft.data_maps, size=32), tmp_path / "ft",
+                TrainConfig(steps=2, batch_size=2, warmup=1, lr=1e-2))
+    _, before = load_checkpoint(ae_ckpt)
+    _, after = load_checkpoint(res.checkpoint)  # loads without the source autoencoder's weights
+    assert same_encoder(before, after)
+    assert not torch.equal(before.state_dict()["dec_out.weight"], after.state_dict()["dec_out.weight"])
+    pair = export_checkpoint(latent_run, tmp_path / "pair", autoencoder=res.checkpoint)
+    model, _ = load_checkpoint(pair)
+    assert model.sample([src[0].layout], steps=2, seed=0)[0].image.shape == (32, 32, 3)
+    other = train(_small_ae(True), SampleDataset(src, maps=("onehot", "edge"), size=32), tmp_path / "other",
+                  TrainConfig(steps=1, batch_size=2, warmup=1, seed=5))
+    with pytest.raises(ValueError, match="does not share the encoder"):
+        export_checkpoint(latent_run, tmp_path / "bad", autoencoder=other.checkpoint)

@@ -549,7 +549,8 @@ def load_training_state(
     return state, _load_tensors(ckpt / RNG, "cpu")
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False, half: bool = False) -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False, half: bool = False,
+                      autoencoder: str | Path | None = None) -> Path:
     """A compact copy of a checkpoint for sampling: ``config.json`` + ``ema.safetensors``.
 
     ``src`` may be a run folder (its newest checkpoint is taken). The weights are validated
@@ -557,7 +558,10 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
     existing one is replaced only with ``overwrite``. ``half``: store the weights as
     float16 (half the size; they are loaded back into float32 networks). A LATENT model
     gets its autoencoder bundled as ``dst/autoencoder`` (exported the same way) and its
-    record points there, with the bundled copy's content hash.
+    record points there, with the bundled copy's content hash. ``autoencoder`` bundles
+    another autoencoder instead, e.g. a decoder fine-tuned with ``train --finetune-decoder``:
+    it must have the recorded autoencoder's encoder bit for bit (the same latent space),
+    else ``ValueError``.
     """
     import torch
 
@@ -571,12 +575,22 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
     if getattr(model, "is_latent", False):
         from nucsynth.models.autoencoder import weights_hash
 
-        model.autoencoder("cpu")  # loads and checks the recorded autoencoder
+        recorded = model.autoencoder("cpu")  # loads and checks the recorded autoencoder
         ae_src = model._autoencoder.checkpoint
+        if autoencoder is not None:
+            from nucsynth.models.autoencoder import same_encoder
+
+            other, other_net = load_checkpoint(autoencoder)
+            if other.name != "autoencoder" or not same_encoder(recorded, other_net):
+                raise ValueError(f"{autoencoder} does not share the encoder of the autoencoder this latent model was "
+                                 f"trained with ({ae_src}): its latents would mean something else")
+            ae_src = other.checkpoint
         ae_tmp = outputs.temporary_path(dst, "autoencoder")
         bundle["autoencoder"] = export_checkpoint(ae_src, ae_tmp, half=half)
         model.config.latent = {**model.config.latent, "autoencoder": "autoencoder",
                                "autoencoder_hash": weights_hash(ae_tmp)}
+    elif autoencoder is not None:
+        raise ValueError("autoencoder= applies to latent models only")
     if half:
         net = net.to(torch.float16)
     try:

@@ -67,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", default=None,
                    help="joint: 'builtin' (default: an offline prompt encoder trained with the model) or the local "
                         "folder / weights file of a frozen open_clip text tower (PLIP, QuiltNet)")
+    p.add_argument("--finetune-decoder", type=Path, default=None,
+                   help="autoencoder: continue training only the decoder of this trained autoencoder (frozen "
+                        "encoder: latent models trained on it stay valid; point them at the result with "
+                        "export_checkpoint(..., autoencoder=...))")
     p.add_argument("--precompute-latents", action="store_true",
                    help="latent model: encode every training patch once in all 8 rotations/flips before training "
                         "(pays off on long runs; default: encode each batch as it comes)")
@@ -132,6 +136,10 @@ def _build_model(args: argparse.Namespace, class_set: Any) -> Any:
             raise ValueError(f"--condition applies to the semantic family (NuDiff stage 2: --condition structure); "
                              f"the {cls.name!r} family has no such option")
         options["condition"] = args.condition
+    if args.finetune_decoder is not None:
+        if cls.name != "autoencoder" or args.label_aware or args.autoencoder is not None:
+            raise ValueError("--finetune-decoder goes with --family autoencoder alone (the source sets the rest)")
+        return cls.decoder_finetune(args.finetune_decoder)
     if args.label_aware:
         if cls.name != "autoencoder":
             raise ValueError(f"--label-aware applies to the autoencoder family, not {cls.name!r}")

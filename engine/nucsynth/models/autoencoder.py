@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nucsynth.layout import CONSEP_CLASSES, ClassSet
 from nucsynth.models.base import ModelFamily, register_family
 
-__all__ = ["AutoencoderFamilyConfig", "AutoencoderModel", "ssim", "weights_hash", "load_autoencoder"]
+__all__ = ["AutoencoderFamilyConfig", "AutoencoderModel", "ssim", "weights_hash", "load_autoencoder", "same_encoder"]
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, device: torch.device) -> torch.Tensor:
@@ -63,6 +63,9 @@ class AutoencoderFamilyConfig:
     label_aware: bool = False
     kl_weight: float = 1e-6
     ssim_weight: float = 0.5
+    #: decoder fine-tuning: {"checkpoint": path, "hash": content hash} of the autoencoder whose
+    #: weights start the run; its encoder stays frozen (the latent space does not change)
+    finetune_decoder_of: dict[str, str] | None = None
 
     @property
     def cond_channels(self) -> int:
@@ -75,6 +78,7 @@ class AutoencoderFamilyConfig:
             "preset": self.preset, "image_size": self.image_size, "class_set": self.class_set.to_dict(),
             "network": dict(self.network), "label_aware": self.label_aware,
             "loss": {"kl_weight": self.kl_weight, "ssim_weight": self.ssim_weight},
+            "finetune_decoder_of": None if self.finetune_decoder_of is None else dict(self.finetune_decoder_of),
         }
 
     @classmethod
@@ -85,6 +89,7 @@ class AutoencoderFamilyConfig:
             preset=str(d["preset"]), image_size=int(d["image_size"]), class_set=ClassSet.from_dict(d["class_set"]),
             network=dict(d["network"]), label_aware=bool(d.get("label_aware", False)),
             kl_weight=float(loss.get("kl_weight", 1e-6)), ssim_weight=float(loss.get("ssim_weight", 0.5)),
+            finetune_decoder_of=None if d.get("finetune_decoder_of") is None else dict(d["finetune_decoder_of"]),
         )
 
 
@@ -99,6 +104,7 @@ class AutoencoderModel(ModelFamily):
     def __init__(self, config: AutoencoderFamilyConfig | None = None) -> None:
         super().__init__()
         self.config = config if config is not None else AutoencoderModel.from_preset("tiny").config
+        self._start_weights: dict[str, torch.Tensor] | None = None  # decoder fine-tuning: where a new run starts
 
     @classmethod
     def from_preset(cls, name: str = "tiny", image_size: int = 128, class_set: ClassSet = CONSEP_CLASSES,
@@ -116,6 +122,23 @@ class AutoencoderModel(ModelFamily):
             raise ValueError(f"autoencoder image_size {image_size} must be a multiple of its factor {net.factor}")
         return cls(AutoencoderFamilyConfig(name, image_size, class_set, net.to_dict(), label_aware, **loss))
 
+    @classmethod
+    def decoder_finetune(cls, autoencoder: "str | Path") -> "AutoencoderModel":
+        """A run that continues training only the DECODER of a trained ``autoencoder`` (its
+        config, weights to start from, frozen encoder): a better decoder for the same latent
+        space, so latent models trained on it stay valid (LDM-style decoder fine-tuning)."""
+        from nucsynth.checkpoint import find_checkpoint, load_checkpoint
+
+        ckpt = find_checkpoint(autoencoder)
+        source, _ = load_checkpoint(ckpt)
+        if not isinstance(source, AutoencoderModel):
+            raise ValueError(f"{autoencoder} is a {source.name!r} checkpoint, not an autoencoder")
+        cfg = AutoencoderFamilyConfig.from_dict(source.config.to_dict())
+        cfg.finetune_decoder_of = {"checkpoint": str(ckpt), "hash": weights_hash(ckpt)}
+        model = cls(cfg)
+        model._start_weights = source.net.state_dict()
+        return model
+
     @property
     def factor(self) -> int:
         """Down-sampling factor f of the latent."""
@@ -131,9 +154,18 @@ class AutoencoderModel(ModelFamily):
         return ("onehot", "edge") if self.config.label_aware else ()
 
     def build_network(self) -> torch.nn.Module:
+        """A fresh network; in a decoder fine-tuning run (:meth:`decoder_finetune`) the encoder
+        is frozen (``requires_grad`` off, so the optimizer never changes it) and a new run
+        starts from the source autoencoder's weights (a resumed or loaded one gets its own)."""
         from nucsynth.nets.autoencoder import AutoencoderConfig, KLAutoencoder
 
-        return KLAutoencoder(AutoencoderConfig.from_dict(self.config.network))
+        net = KLAutoencoder(AutoencoderConfig.from_dict(self.config.network))
+        if self._start_weights is not None:
+            net.load_state_dict(self._start_weights)
+        if self.config.finetune_decoder_of is not None:
+            for name, p in net.named_parameters():
+                p.requires_grad_(name.startswith("dec_"))
+        return net
 
     def batch_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """The decoder's condition (B, K+2, H, W) of a batch, or None for a plain decoder."""
@@ -145,7 +177,9 @@ class AutoencoderModel(ModelFamily):
         """L1 + SSIM + KL of one batch (``cond_drop`` is ignored: the layout is always known)."""
         x = batch["image"]
         cond = self.batch_condition(batch)
-        mean, logvar = net.encode(x) if not hasattr(net, "module") else net.module.encode(x)
+        frozen = self.config.finetune_decoder_of is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            mean, logvar = net.encode(x) if not hasattr(net, "module") else net.module.encode(x)
         noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
         z = (mean + torch.exp(0.5 * logvar) * noise).to(x.dtype)
         dec = net.decode if not hasattr(net, "module") else net.module.decode
@@ -190,6 +224,13 @@ def weights_hash(checkpoint: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two autoencoder networks have bit-identical encoders (the same latent space)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if k.startswith("enc_")]
+    return keys == [k for k in sb if k.startswith("enc_")] and all(torch.equal(sa[k], sb[k]) for k in keys)
 
 
 def load_autoencoder(candidates: list[Path], expected_hash: str | None, device: str = "cpu") -> tuple[AutoencoderModel, Path]:
