@@ -183,3 +183,11 @@ def test_fidelity_relative_to_real_images(monkeypatch):
     assert res["relative"]["pq"] == pytest.approx(2.0) and res["relative"]["score"] == pytest.approx(5.0)
     with pytest.raises(ValueError, match="reference lacks"):
         D.fidelity(xs, net=None, reference={"pq": 0.5})  # type: ignore[arg-type]
+
+
+def test_fidelity_works_out_of_the_box_with_the_shipped_segmenter(stores, tmp_path, capsys):
+    _, syn = stores
+    assert main(["evaluate", "fidelity", str(syn), "--out", str(tmp_path / "f"), "--device", "cpu", "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "f" / "fidelity.json").read_text())
+    assert res["model"] == "shipped" and set(res["relative"]) == {"pq", "f_d", "f1_mean", "score"}
+    assert res["reference"]["score"] > 0 and "relative to real images" in capsys.readouterr().out

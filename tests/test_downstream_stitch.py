@@ -71,7 +71,7 @@ def test_evaluate_tiles_stitched_and_pooled(tile):
     patches = _grid(tile, 64, 48)
     perfect = T.evaluate_tiles(patches, lambda ims: [tile.layout for _ in ims])
     assert perfect["mode"] == "stitched" and perfect["n_tiles"] == 1 and perfect["mean"]["pq"] == 1.0
-    # Separate crops (no shared pixels, origins not recorded): pooled per tile.
+    # Separate crops (not on a grid, origins not recorded): pooled per tile.
     crops = [Sample(s.layout, s.image, {"tile": f"t{s_i // 4}", "source": f"/x/t_{s_i:03d}.png"})
              for s_i, s in enumerate(procedural_sample((48, 48), seed=k) for k in range(8))]
     truth = {id(c.image): c.layout for c in crops}
@@ -90,8 +90,8 @@ def test_evaluate_tiles_stitched_and_pooled(tile):
 
 @pytest.mark.realdata
 def test_consep_release_patches_are_separate_crops(consep_dir):
-    """The 16 patches of a CoNSeP 256 px tile share no pixels: the tile cannot be rebuilt,
-    so whole-image figures on this release are per-tile pooled (docs/metrics.md)."""
+    """The 16 patches of a CoNSeP 256 px tile are not cut on a grid: the tile cannot be
+    rebuilt, so whole-image figures on this release are per-tile pooled (docs/metrics.md)."""
     from nucsynth.io import read_source
 
     patches = [s for s in read_source(consep_dir) if s.provenance["tile"] == "train_13"]

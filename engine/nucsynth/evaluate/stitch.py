@@ -14,8 +14,8 @@ To set our figures beside published ones, the patches of each source tile (prove
    patch whose centre is nearest, and the pieces of one nucleus seen by several patches
    are joined through the pixels they share (a connected-components graph).
 
-When neither works (the CoNSeP 256 px release: each tile's 16 patches are separate crops
-that share no pixels, so there is no tile to rebuild), :func:`evaluate_tiles` pools the
+When neither works (the CoNSeP 256 px release: each tile's 16 patches are separate crops,
+not cut on a grid, so there is no tile to rebuild), :func:`evaluate_tiles` pools the
 patches of each tile instead: PQ from the tile's summed TP, FP, FN and IoU, Dice from its
 summed areas, then the mean over tiles. That is the per-image protocol on each tile's
 pixels, minus the nuclei the crops cut in two; the mode used is always reported.
@@ -284,7 +284,7 @@ def evaluate_tiles(
     ``segment(images)`` maps uint8 RGB images (any size) to predicted Layouts. Mode
     ``"stitched"``: every tile is reassembled (:func:`tile_samples`), segmented whole and
     scored with :func:`nucsynth.metrics.evaluate_set` (one image per tile). Mode
-    ``"tile-pooled"`` (the patches of some tile share no pixels): patches are segmented
+    ``"tile-pooled"`` (some tile's patches cannot be placed): patches are segmented
     one by one and each tile's counts pooled; ``mean`` then holds per-tile Dice, DQ, SQ
     and PQ averaged over tiles. Detection and class F1 pool all nuclei either way.
     Returns ``{"mode", "reason", "n_tiles", "mean", "aggregate", "detection", "per_tile"}``.
