@@ -38,6 +38,15 @@ def nucleus_colour_error(rec: np.ndarray, real: np.ndarray, inst_map: np.ndarray
     return np.mean(errs, axis=0)[counts > 0]
 
 
+def reconstruction_figures(real: np.ndarray, rec: np.ndarray, inst_map: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """PSNR (dB), SSIM and per-nucleus colour errors of one reconstruction (uint8 RGB)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    return (peak_signal_noise_ratio(real, rec, data_range=255),
+            structural_similarity(real, rec, channel_axis=-1, data_range=255),
+            nucleus_colour_error(rec, real, inst_map))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True)
@@ -49,7 +58,6 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     from nucsynth.checkpoint import load_checkpoint
     from nucsynth.data.dataset import image_to_tensor
@@ -69,9 +77,10 @@ def main() -> None:
         if model.config.label_aware:
             cond = torch.from_numpy(np.concatenate([s.layout.onehot(), s.layout.edge_map()[None]]))[None].float()
         rec = to_uint8(model.reconstruct(net, x, cond))[0]
-        psnr.append(peak_signal_noise_ratio(s.image, rec, data_range=255))
-        ssim.append(structural_similarity(s.image, rec, channel_axis=-1, data_range=255))
-        colour.append(nucleus_colour_error(rec, s.image, s.layout.inst_map))
+        figs = reconstruction_figures(s.image, rec, s.layout.inst_map)
+        psnr.append(figs[0])
+        ssim.append(figs[1])
+        colour.append(figs[2])
     col = np.concatenate(colour) if colour else np.zeros(0)
     out = {
         "checkpoint": str(args.checkpoint), "step": model.step, "split": args.split, "patches": len(idx),

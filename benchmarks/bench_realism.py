@@ -21,8 +21,10 @@ former 64 px pixel-space default), recovery >= 0.8.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +60,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--cache", default=None, help="folder keeping the renderings (keyed by checkpoint content hash "
+                   "and settings), so the segmenter side can be re-run without rendering again")
     args = p.parse_args()
 
     import torch
@@ -67,12 +71,34 @@ def main() -> None:
     from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
     from nucsynth.io.store import DatasetStore
     from nucsynth.metrics import pq
+    from nucsynth.synthesize import checkpoint_sha256
 
     torch.set_num_threads(args.threads)
     store = DatasetStore.open(args.store)
     idx = store.indices(args.split)
     idx = idx[:: max(1, len(idx) // args.limit)][: args.limit]
     real = [store[int(i)] for i in idx]
+    models = {"model": args.checkpoint, **({"baseline": args.baseline} if args.baseline else {})}
+    rendered: dict[str, tuple[str, bool, list[np.ndarray], float]] = {}
+    for name, ckpt in models.items():  # render first (the slow part; cached with --cache)
+        path = resolve_checkpoint(ckpt)
+        model, _ = load_checkpoint(path)
+        key = f"{checkpoint_sha256(path)[:16]}-{args.split}-{'_'.join(map(str, idx))}-s{args.steps}-g{args.guidance}"
+        cached = Path(args.cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz" if args.cache else None
+        t0 = time.perf_counter()
+        if cached is not None and cached.exists():
+            with np.load(cached) as z:
+                images, secs = list(z["images"]), float(z["seconds"])
+        else:
+            images = [model.sample([s.layout], steps=args.steps, guidance=args.guidance, seed=int(i))[0].image
+                      for s, i in zip(real, idx)]
+            secs = time.perf_counter() - t0
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(cached, images=np.stack(images), seconds=secs)
+        rendered[name] = (str(path), bool(getattr(model, "is_latent", False)), images, secs)
+        print(f"{name}: rendered {len(images)} patches, {secs / len(real):.1f} s per patch", flush=True)
+
     seg, seg_classes, _ = load_segmenter(args.segmenter)
     encoder = segmenter_encoder(seg)
     real_images = [s.image for s in real]
@@ -83,20 +109,13 @@ def main() -> None:
 
     out: dict = {"patches": [int(i) for i in idx], "split": args.split, "steps": args.steps, "guidance": args.guidance,
                  "segmenter": args.segmenter or "shipped", "pq_real": recovery(real_images), "models": {}}
-    models = {"model": args.checkpoint, **({"baseline": args.baseline} if args.baseline else {})}
-    for name, ckpt in models.items():
-        model, _ = load_checkpoint(resolve_checkpoint(ckpt))
-        t0 = time.perf_counter()
-        images = [model.sample([s.layout], steps=args.steps, guidance=args.guidance, seed=int(i))[0].image
-                  for s, i in zip(real, idx)]
-        secs = time.perf_counter() - t0
+    for name, (path, latent, images, secs) in rendered.items():
         fd = segmenter_feature_distance(real_images, images, encoder)
         rec = recovery(images)
-        out["models"][name] = {"checkpoint": str(model.checkpoint), "latent": bool(getattr(model, "is_latent", False)),
-                               "feature_distance": fd, "pq_rendered": rec, "recovery": rec / out["pq_real"],
-                               "seconds_per_patch": secs / len(real)}
+        out["models"][name] = {"checkpoint": path, "latent": latent, "feature_distance": fd, "pq_rendered": rec,
+                               "recovery": rec / out["pq_real"], "seconds_per_patch": secs / len(real)}
         print(f"{name}: feature distance {fd:.4f}, PQ on rendered {rec:.3f} = {rec / out['pq_real']:.2f} x real "
-              f"({out['pq_real']:.3f}), {secs / len(real):.1f} s per patch", flush=True)
+              f"({out['pq_real']:.3f})", flush=True)
     if "baseline" in out["models"]:
         r = out["models"]["model"]["feature_distance"] / out["models"]["baseline"]["feature_distance"]
         out["feature_distance_ratio"] = r
