@@ -57,7 +57,8 @@ def lower_thread_priority() -> None:
         return
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+        # +5, not more: a higher nice starves the engine behind other processes on a busy machine
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
     except OSError:
         pass
 
