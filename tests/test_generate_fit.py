@@ -342,3 +342,21 @@ def test_batch_dock_generator_uses_the_statistics_beside_its_checkpoint(tmp_path
     store = DatasetStore.open(tmp_path / "b.zarr")
     assert [s.layout.num_nuclei for s in store] == [1, 1]
     assert store.provenance(1)["layout_stats"] == str(ckpt / LAYOUT_STATS_FILE)
+
+
+def test_exported_model_carries_its_layout_statistics(tmp_path, grid_stats):
+    from nucsynth.checkpoint import default_checkpoint_dir, export_checkpoint, load_checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
+    shutil.copytree(default_checkpoint_dir(), ckpt)
+    export_checkpoint(tmp_path / "run", tmp_path / "plain")  # no statistics: none invented
+    assert find_layout_stats(tmp_path / "plain") == (CONSEP_LAYOUT_STATS, None)
+    grid_stats.save(tmp_path / "run" / LAYOUT_STATS_FILE)
+    dst = export_checkpoint(tmp_path / "run", tmp_path / "shipped")
+    assert find_layout_stats(dst) == (grid_stats, dst / LAYOUT_STATS_FILE)
+    load_checkpoint(dst)  # still a valid checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "run", "shipped"]  # no temporary left
+    (tmp_path / "run" / LAYOUT_STATS_FILE).write_text("{}")
+    with pytest.raises(StatsError, match="missing"):
+        export_checkpoint(tmp_path / "run", tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()

@@ -556,7 +556,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
     ``src`` may be a run folder (its newest checkpoint is taken). The weights are validated
     against the config before anything is written; ``dst`` is written atomically and an
     existing one is replaced only with ``overwrite``. ``half``: store the weights as
-    float16 (half the size; they are loaded back into float32 networks). A LATENT model
+    float16 (half the size; they are loaded back into float32 networks). The layout
+    statistics beside ``src`` (``layout_stats.json`` of the checkpoint or of its run
+    folder) are copied into ``dst``. A LATENT model
     gets its autoencoder bundled as ``dst/autoencoder`` (exported the same way) and its
     record points there, with the bundled copy's content hash. ``autoencoder`` bundles
     another autoencoder instead, e.g. a decoder fine-tuned with ``train --finetune-decoder``:
@@ -591,14 +593,23 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
                                "autoencoder_hash": weights_hash(ae_tmp)}
     elif autoencoder is not None:
         raise ValueError("autoencoder= applies to latent models only")
+    from nucsynth.generate.stats import LAYOUT_STATS_FILE, find_layout_stats
+
+    stats_file = find_layout_stats(ckpt)[1]  # the run's layout statistics travel with the model (checked)
+    if stats_file is not None:
+        bundle[LAYOUT_STATS_FILE] = outputs.temporary_path(dst, "stats")
+        shutil.copyfile(stats_file, bundle[LAYOUT_STATS_FILE])
     if half:
         net = net.to(torch.float16)
     try:
         save_checkpoint(dst, model, net, step=int(cfg.get("step", 0)), train_config=cfg.get("train"),
                         data=cfg.get("data"), raw_weights=False, bundle=bundle)
     finally:
-        for folder in bundle.values():
-            shutil.rmtree(folder, ignore_errors=True)
+        for left in bundle.values():  # what was not moved into dst (an error on the way)
+            if left.is_dir():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
     return dst
 
 
