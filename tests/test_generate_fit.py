@@ -286,6 +286,7 @@ def test_demo_uses_the_statistics_beside_its_checkpoint(tmp_path, one_torch_thre
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_1"
     shutil.copytree(default_checkpoint_dir(), ckpt)
+    (ckpt / LAYOUT_STATS_FILE).unlink(missing_ok=True)  # the shipped model's own; this test brings its own
     # Statistics of the model's own classes with a distinctive density: 4 nuclei per 256 px.
     d = CONSEP_LAYOUT_STATS.to_dict()
     d["nuclei_per_patch_quartiles"] = [4.0, 4.0, 4.0]
@@ -332,6 +333,7 @@ def test_batch_dock_generator_uses_the_statistics_beside_its_checkpoint(tmp_path
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_1"
     shutil.copytree(default_checkpoint_dir(), ckpt)
+    (ckpt / LAYOUT_STATS_FILE).unlink(missing_ok=True)  # the shipped model's own; this test brings its own
     d = CONSEP_LAYOUT_STATS.to_dict()
     d["nuclei_per_patch_quartiles"] = [4.0, 4.0, 4.0]
     (ckpt / LAYOUT_STATS_FILE).write_text(json.dumps(d))  # in the checkpoint folder itself
@@ -349,6 +351,7 @@ def test_exported_model_carries_its_layout_statistics(tmp_path, grid_stats):
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_1"
     shutil.copytree(default_checkpoint_dir(), ckpt)
+    (ckpt / LAYOUT_STATS_FILE).unlink(missing_ok=True)  # the shipped model's own; this test brings its own
     export_checkpoint(tmp_path / "run", tmp_path / "plain")  # no statistics: none invented
     assert find_layout_stats(tmp_path / "plain") == (CONSEP_LAYOUT_STATS, None)
     grid_stats.save(tmp_path / "run" / LAYOUT_STATS_FILE)
