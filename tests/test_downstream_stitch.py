@@ -63,8 +63,9 @@ def test_tile_groups_order_patches_by_their_number():
     src = [Sample(s.layout, s.image, {"tile": t, "source": f"/x/{t}_{k:03d}.jpg"})
            for t, k in (("b", 1), ("a", 10), ("a", 2), ("b", 0))]
     assert T.tile_groups(src) == {"a": [2, 1], "b": [3, 0]}
-    with pytest.raises(ValueError, match="sample 0 has no 'tile'"):
-        T.tile_groups([s])
+    assert T.tile_groups([s]) == {"procedural": [0]}  # no tile: the source image groups
+    with pytest.raises(ValueError, match="sample 0 has neither 'tile' nor 'source'"):
+        T.tile_groups([Sample(s.layout, s.image, {})])
 
 
 def test_evaluate_tiles_stitched_and_pooled(tile):

@@ -63,7 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     e.add_argument("--whole", action="store_true",
-                   help="also score whole images: each tile's patches reassembled (or pooled when they share no pixels)")
+                   help="also score whole images: each tile's patches reassembled (or pooled when they cannot be placed)")
+    e.add_argument("--with-reference", type=Path, metavar="OUT_DIR",
+                   help="also write a copy of the model that records its label-fidelity scores on these real patches "
+                        "('evaluate fidelity' then scores synthetic images relative to them)")
     e.add_argument("--empty-score", choices=("0", "1", "nan"), default="0",
                    help="per-patch score of a patch with no nucleus in truth and prediction: 0 (HoVer-Net, default), "
                         "1 (nothing to find, nothing found), nan (left out of the means)")
@@ -186,6 +189,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json is not None:
         outputs.check_not_input(args.json, {"--data": args.data, "--model": args.model}, "--json")
         outputs.check_output(args.json, args.overwrite, "--json")  # before the work, not after
+    if args.with_reference is not None:
+        outputs.check_not_input(args.with_reference, {"--data": args.data, "--model": args.model}, "--with-reference")
+        outputs.check_output(args.with_reference, args.overwrite, "--with-reference")
     from nucsynth.device import pick_device
     from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
     from nucsynth.metrics import evaluate_set
@@ -213,6 +219,16 @@ def _evaluate(args: argparse.Namespace) -> int:
               f"SQ {m['sq']:.4f}  PQ {m['pq']:.4f}  F_d {d['f_d']:.4f}  acc {d['acc']:.4f}  F1: {f1}")
         print(f"  {whole['reason']}")
         out["whole"] = whole
+    if args.with_reference is not None:
+        from nucsynth.evaluate.downstream import fidelity
+        from nucsynth.evaluate.segmenter import save_segmenter
+
+        ref = fidelity(samples, net, device=str(device))["summary"]
+        _, _, extra = load_segmenter(args.model)
+        extra = {**extra, "fidelity_reference": ref,
+                 "fidelity_reference_data": f"{args.data} ({args.split}, {len(samples)} patches)"}
+        save_segmenter(args.with_reference, net, class_set, extra, overwrite=args.overwrite)
+        print(f"model with its real-image fidelity reference (score {ref['score']:.4f}) written to {args.with_reference}")
     if args.json is not None:
         write_json(args.json, out, overwrite=args.overwrite, option="--json")
     return 0

@@ -217,14 +217,16 @@ _INDEX = re.compile(r"_(\d+)\.[^./\\]+$")
 
 
 def tile_groups(source: Sequence[Sample]) -> dict[str, list[int]]:
-    """Indices of the samples of each tile (provenance ``"tile"``), ordered by the patch
-    number at the end of their source file name (``train_1_007.jpg`` -> 7), else as given."""
+    """Indices of the samples of each tile (provenance ``"tile"``, else ``"source"``: the
+    image the patch came from), ordered by the patch number at the end of their source file
+    name (``train_1_007.jpg`` -> 7), else as given."""
     groups: dict[str, list[tuple[int, int]]] = {}
     for i in range(len(source)):
         prov = source[i].provenance
-        tile = prov.get("tile")
+        tile = prov.get("tile") or prov.get("source")
         if not tile:
-            raise ValueError(f"sample {i} has no 'tile' in its provenance: cannot tell which patches form one image")
+            raise ValueError(f"sample {i} has neither 'tile' nor 'source' in its provenance: "
+                             "cannot tell which patches form one image")
         m = _INDEX.search(str(prov.get("source", "")))
         groups.setdefault(str(tile), []).append((int(m.group(1)) if m else i, i))
     return {t: [i for _, i in sorted(v)] for t, v in sorted(groups.items())}
