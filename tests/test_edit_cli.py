@@ -27,13 +27,17 @@ def _counts(path) -> np.ndarray:
 def test_edit_balance(source_store, tmp_path, capsys):
     out = tmp_path / "bal.zarr"
     assert main(["edit", str(source_store), str(out), "--mode", "balance", "--target-share", "0.4",
-                 "--border", "10", "--seed", "2"]) == 0
+                 "--border", "10", "--seed", "2", "--split", "all"]) == 0
     text = capsys.readouterr().out
     assert "before" in text and "after" in text and "other" in text and "rare class 'other'" in text
     src, dst = DatasetStore.open(source_store), DatasetStore.open(out)
     assert len(dst) == len(src) and list(dst.splits) == list(src.splits)
     assert _counts(out)[1] > _counts(source_store)[1]
     assert _counts(out).sum() == _counts(source_store).sum()
+    # without --split a store's train split is edited: held-out patches are never turned into training data
+    default = tmp_path / "default.zarr"
+    assert main(["edit", str(source_store), str(default), "--mode", "enlarge", "--seed", "2"]) == 0
+    assert len(DatasetStore.open(default)) == 3 and set(DatasetStore.open(default).splits) == {"train"}
     for a, b in zip(src, dst):
         assert np.array_equal(a.image, b.image)  # labels-only edit: the source image is kept
         assert b.provenance["edit"] == "balance" and b.provenance["image_matches_labels"] is False
@@ -41,7 +45,7 @@ def test_edit_balance(source_store, tmp_path, capsys):
     # Same seed, same result.
     again = tmp_path / "bal2.zarr"
     main(["edit", str(source_store), str(again), "--mode", "balance", "--target-share", "0.4", "--border", "10",
-          "--seed", "2"])
+          "--seed", "2", "--split", "all"])
     for a, b in zip(DatasetStore.open(out), DatasetStore.open(again)):
         assert a.layout.equals(b.layout)
 

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output zarr store (a folder)")
     p.add_argument("--mode", choices=MODES, required=True, help="balance, enlarge (labels only) or gradmix (pixels too)")
     p.add_argument("--seed", type=int, default=0, help="seed; patch i uses seed + i (default: 0)")
-    p.add_argument("--split", default=None, help="only edit the patches of this split of a store SOURCE (e.g. train)")
+    p.add_argument("--split", default=None,
+                   help="split of a store SOURCE to edit (default: its train split when it has one; 'all' = every patch)")
     p.add_argument("--only-changed", action="store_true", help="write only patches the edit changed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     b = p.add_argument_group("balance / gradmix")
@@ -155,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     from nucsynth.io.store import DatasetStore, move_into_place, temporary_path
 
     _check(args)
-    samples, splits = _read(args.source, args.split)
+    from nucsynth.io.sources import store_split
+
+    samples, splits = _read(args.source, store_split(args.source, args.split))
     if not samples:
         raise ValueError(f"{args.source}: the source holds no samples")
     cs = samples[0].layout.class_set

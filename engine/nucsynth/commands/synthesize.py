@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layouts", type=Path, default=None,
                    help="semantic: a dataset store or any readable source; joint: points as CSV (y,x,class), "
                         "GeoJSON, or a store's centroids; not for structure")
-    p.add_argument("--split", default=None, help="only this split of a store (default: all patches)")
+    p.add_argument("--split", default=None,
+                   help="split of a store to render (default: its train split when it has one; 'all' = every patch)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N source patches")
     p.add_argument("--count", type=int, default=None, help="structure: how many new layouts to generate")
     p.add_argument("--size", default=None,
@@ -125,7 +126,7 @@ def _printer() -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Synthesize; returns the exit code."""
-    from nucsynth.io.sources import parse_size, read_layout_source
+    from nucsynth.io.sources import parse_size, read_layout_source, store_split
     from nucsynth.outputs import check_not_input
     from nucsynth.synthesize import SynthesisJob, get_synthesizer, options_from_args, plan_items
 
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if synth.family != "structure":
         if synth.family == "joint" and size is None and args.layouts.suffix.lower() == ".csv":
             size = (synth.image_size, synth.image_size)
-        source = read_layout_source(args.layouts, split=args.split, limit=args.limit, points=synth.family == "joint",
+        split = store_split(args.layouts, args.split)
+        source = read_layout_source(args.layouts, split=split, limit=args.limit, points=synth.family == "joint",
                                     size=size, class_set=synth.class_set)
         source.items = synth.in_model_classes(source.items, args.class_map)  # refused before any other work
     has_images = source is not None and all(im is not None for im in source.images)

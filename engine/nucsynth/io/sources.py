@@ -139,6 +139,20 @@ def source_kind(path: str | Path) -> str:
     return detect_format(p)
 
 
+def store_split(path: str | Path, split: str | None) -> str | None:
+    """The split of a layout source to read, for the command line: ``split`` as given
+    (``"all"`` = every patch); when none is given, a dataset store's ``train`` split if it has
+    one, so held-out layouts never become synthetic training data by default (a leak the
+    downstream protocol would refuse); every patch otherwise. Other sources: None."""
+    if split == "all":
+        return None
+    if split is not None or not Path(path).exists() or source_kind(Path(path)) != "store":
+        return split  # (a missing path is reported by the reader, with its own message)
+    from nucsynth.io.store import DatasetStore
+
+    return "train" if len(DatasetStore.open(path).indices("train")) else None
+
+
 def read_layout_source(
     path: str | Path,
     *,
