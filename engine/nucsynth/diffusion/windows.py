@@ -21,7 +21,6 @@ a condition kept at image resolution for a latent one), the window in state unit
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -201,23 +200,12 @@ def estimate_bytes(network: Mapping[str, Any], canvas: tuple[int, int], batch: i
 
 
 def available_bytes(device: torch.device | str) -> int | None:
-    """Free memory on ``device``: CUDA's free memory, else the system's available memory
-    (Linux ``MemAvailable``); None where it cannot be told."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    """Free memory on ``device`` (:func:`nucsynth.device.available_memory`: CUDA's free
+    memory; on CPU the kernel's MemAvailable capped by the container's memory limit); None
+    where it cannot be told."""
+    from nucsynth.device import available_memory
+
+    return available_memory(torch.device(device))
 
 
 def check_memory(needed: int, device: torch.device | str, what: str) -> None:
