@@ -89,25 +89,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)
@@ -117,7 +98,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    outputs.fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -274,13 +255,13 @@ def save_checkpoint(
         }
         config["checksums"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         write_json_atomic(tmp / CONFIG, config)
-        mode = 0o666 & ~_umask()  # temp-file writers create 0600 files; checkpoints are shared
+        mode = 0o666 & ~outputs.current_umask()  # temp-file writers create 0600 files; checkpoints are shared
         for f in tmp.iterdir():
             os.chmod(f, mode)
             _fsync_file(f)
         for name, folder in (bundle or {}).items():
             os.replace(folder, tmp / name)
-        _fsync_dir(tmp)
+        outputs.fsync_dir(tmp)
         outputs.replace_path(tmp, final, overwrite=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

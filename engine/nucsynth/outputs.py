@@ -114,7 +114,8 @@ def temporary_path(path: str | Path, purpose: str = "writing") -> Path:
     return path.parent / f".{path.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk (after a rename); a no-op where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -186,7 +187,7 @@ def replace_path(tmp: str | Path, path: str | Path, overwrite: bool) -> None:
         os.rename(path, aside)
         os.rename(tmp, path)  # a crash between the two renames: tidy() puts `aside` back
         _remove(aside)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- leftovers of killed runs
@@ -416,7 +417,7 @@ def write_text(path: str | Path, text: str, overwrite: bool, option: str = "--ou
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary new file would be
+        os.chmod(tmp, 0o666 & ~current_umask())  # as an ordinary new file would be
     return path
 
 
@@ -425,7 +426,8 @@ def write_json(path: str | Path, obj: Any, overwrite: bool, option: str = "--out
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", overwrite, option)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
