@@ -124,6 +124,8 @@ class DesignerWidget(QWidget):
         self.job: Job | None = None
         self._targets: dict[str, list[float]] = {}
         self._stats: Any = None  # LayoutStats of the generator; None = the built-in CoNSeP ones
+        self._wanted_visible: dict[Any, bool] = {}  # layer -> visibility still to apply (see _set_visible)
+        self._toggling = False
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         scroll = QScrollArea()
@@ -855,13 +857,43 @@ class DesignerWidget(QWidget):
             ids = np.unique(layout.inst_map[changed])
             n_changed = int((ids > 0).sum())
             self.proposal.instances.colormap = _outline_colormap(ids[ids > 0])
-        for layer in self.proposal.layers():
-            if not layer.visible:
-                layer.visible = True
+        self._set_visible(self.proposal.layers(), True)
         self._update_proposal_buttons()
         note = "" if changed is None else f"; {n_changed} changed nuclei outlined in yellow"
         self.proposal_label.setText(f"Proposal: {proposal_summary(before, layout)}{note}")
         self._tell(f"{what}. Proposal {name!r} beside the layout. Keep it or discard it.")
+
+    def _set_visible(self, layers: tuple[Any, ...], visible: bool) -> None:
+        """Show or hide ``layers``, one toggle per event-loop turn: each toggle re-draws the
+        canvas (30-100 ms on a busy CPU), and three in a row froze the viewer for a Keep or a
+        proposal. A later wish for a layer replaces an earlier one not yet applied."""
+        from qtpy.QtCore import QTimer
+
+        for layer in layers:
+            self._wanted_visible.pop(layer, None)
+            self._wanted_visible[layer] = visible
+        if not self._toggling:
+            self._toggling = True
+            QTimer.singleShot(0, self._toggle_one)
+
+    def _toggle_one(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        while self._wanted_visible:
+            layer = next(iter(self._wanted_visible))
+            visible = self._wanted_visible.pop(layer)
+            if layer in self.viewer.layers and layer.visible != visible:
+                layer.visible = visible
+                break
+        if self._wanted_visible:
+            QTimer.singleShot(0, self._toggle_one)
+        else:
+            self._toggling = False
+
+    @property
+    def settling(self) -> bool:
+        """Whether layer visibility changes are still being applied (one per event-loop turn)."""
+        return bool(self._wanted_visible)
 
     def _update_proposal_buttons(self) -> None:
         live = self.proposal is not None and self.proposal.instances in self.viewer.layers
@@ -886,8 +918,7 @@ class DesignerWidget(QWidget):
         """Remove the proposal's layers."""
         if self.proposal is not None:
             prop, self.proposal = self.proposal, None
-            for layer in prop.layers():  # hidden, and reused by the next proposal
-                layer.visible = False
+            self._set_visible(prop.layers(), False)  # hidden, and reused by the next proposal
         self._update_proposal_buttons()
 
     def _drop_proposal_layers(self) -> None:

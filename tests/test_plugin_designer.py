@@ -21,9 +21,9 @@ def designer(make_napari_viewer, qtbot):
 
 
 def click(designer, btn) -> None:
-    """Click, then wait for the action's worker (if any) to finish."""
+    """Click, then wait for the action's worker (if any) and its layer updates to finish."""
     btn.click()
-    designer.qtbot.waitUntil(lambda: not designer.busy, timeout=60000)
+    designer.qtbot.waitUntil(lambda: not designer.busy and not designer.settling, timeout=60000)
 
 
 def test_paint_updates_counts_and_bars(designer) -> None:

@@ -271,6 +271,7 @@ def test_keep_of_a_proposal_is_one_step_and_never_replays_old_strokes(ui) -> Non
         assert "Proposal:" in d.proposal_label.text()
         before = assert_consistent(ctrl)
         drv.button(d.keep_btn)
+        qtbot.waitUntil(lambda: not d.settling, timeout=5000)
         assert d.proposal is None and not viewer.layers[f"{ctrl.name} proposal instances"].visible
         viewer.layers.selection.active = ctrl.instances
         _step(drv, ctrl, before, proposed)

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gui
 
 WORK_GAP_S = 0.150  # the longest the viewer may stall while work runs in a worker
-SHOW_GAP_S = 1.0  # napari's own layer updates when the result is shown (see docs/plugin.md)
+SHOW_GAP_S = 0.4  # napari's own layer updates and drawing when the result is shown (see docs/plugin.md)
 
 
 def _spin() -> None:
@@ -88,7 +88,7 @@ def _measure(qtbot, hb: Heartbeat, owner, click, label: str, load: int) -> tuple
     t0 = time.perf_counter()
     click()
     job = owner.job
-    qtbot.waitUntil(lambda: not job.running, timeout=120000)
+    qtbot.waitUntil(lambda: not job.running and not getattr(owner, "settling", False), timeout=120000)
     t1 = time.perf_counter()
     qtbot.wait(30)
     mid = job.returned_at or t1
@@ -120,9 +120,12 @@ def test_designer_actions_keep_the_viewer_beating(make_napari_viewer, qtbot, bac
         assert d.proposal is not None
         assert work < _limit(idle), f"{label}: the viewer stalled {work * 1000:.0f} ms while the worker ran"
         assert show < SHOW_GAP_S, f"{label}: showing the proposal stalled the viewer {show * 1000:.0f} ms"
+        qtbot.wait(30)
         t0 = time.perf_counter()
-        d.keep_btn.click()  # Keep only updates layers (main thread)
-        keep = time.perf_counter() - t0
+        d.keep_btn.click()  # Keep only updates layers (main thread, in several event-loop turns)
+        qtbot.waitUntil(lambda: not d.settling, timeout=10000)
+        qtbot.wait(30)
+        keep = hb.gaps(t0, time.perf_counter())
         print(f"heartbeat Keep after {label} (background load {background_load}): {keep * 1000:.0f} ms")
         assert keep < SHOW_GAP_S
     hb.timer.stop()
