@@ -41,10 +41,13 @@ class BatchParams:
     size: int = 256
     density: float | None = None  # nuclei per 256 px; None: the median of the model's layout statistics
     options: SynthesisOptions = field(default_factory=SynthesisOptions)
+    threads: int = 0  # CPU threads; 0 = the engine's policy
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
         for name in ("count", "size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,8 +67,10 @@ def batch_steps(
     if cancelled (what was rendered stays in the partial store; run again to continue)."""
     from nucsynth.io.store import DatasetStore
     from nucsynth.synthesize import SynthesisJob, get_synthesizer, plan_items
+    from nucsynth.threads import set_threads
 
     cancel = cancel or threading.Event()
+    set_threads(params.threads or None)
     synth = get_synthesizer(params.checkpoint)
     cs = synth.class_set
     opts = params.options
@@ -121,7 +126,8 @@ from qtpy.QtWidgets import (  # noqa: E402  (the engine part above is usable wit
     QWidget,
 )
 
-from napari_nucsynth._widgets import optional_spin, optional_value  # noqa: E402
+from napari_nucsynth._widgets import optional_spin, optional_value, threads_spin  # noqa: E402
+from nucsynth.threads import available_cpus  # noqa: E402
 
 
 class BatchWidget(QWidget):
@@ -182,6 +188,8 @@ class BatchWidget(QWidget):
         self.batch_spin = QSpinBox(minimum=1, maximum=256, value=_DEFAULTS["batch_size"])
         self.batch_spin.setToolTip(helps["batch_size"])
         form.addRow("Batch size", self.batch_spin)
+        self.threads_spin = threads_spin(available_cpus())
+        form.addRow("CPU threads", self.threads_spin)
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("output store, e.g. synthetic.zarr")
         self.out_edit.setToolTip("the store to write; running again with the same settings continues a stopped run")
@@ -235,7 +243,7 @@ class BatchWidget(QWidget):
             checkpoint=self.ckpt_edit.text().strip(), out=self.out_edit.text().strip(),
             source=self.source_combo.currentText(), source_path=self.source_edit.text().strip(),
             count=self.count_spin.value(), size=self.size_spin.value(), density=optional_value(self.density_spin),
-            options=self.options(),
+            options=self.options(), threads=self.threads_spin.value(),
         )
 
     def _tell(self, text: str, error: bool = False) -> None:

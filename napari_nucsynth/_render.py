@@ -57,10 +57,13 @@ class RenderParams:
     seed: int = _DEFAULTS["seed"]
     strength: float = DIFFMIX_STRENGTH
     sampler: str = _DEFAULTS["sampler"]
+    threads: int = 0  # CPU threads; 0 = the engine's policy
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"render mode must be one of {MODES}, got {self.mode!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
         self.options()  # the engine checks the rest
 
     def options(self) -> SynthesisOptions:
@@ -173,7 +176,8 @@ from qtpy.QtWidgets import (  # noqa: E402  (the engine part above is usable wit
 )
 
 from napari_nucsynth._layers import LayoutLayers, find_layout_names, role_of  # noqa: E402
-from napari_nucsynth._widgets import optional_spin, optional_value  # noqa: E402
+from napari_nucsynth._widgets import optional_spin, optional_value, threads_spin  # noqa: E402
+from nucsynth.threads import available_cpus  # noqa: E402
 
 
 class RenderWidget(QWidget):
@@ -205,6 +209,8 @@ class RenderWidget(QWidget):
                                      "than the CPU")
         self.device_combo.currentTextChanged.connect(self._show_device)
         form.addRow("Device", self.device_combo)
+        self.threads_spin = threads_spin(available_cpus())
+        form.addRow("CPU threads", self.threads_spin)
         self.device_label = QLabel("")
         self.device_label.setWordWrap(True)
         form.addRow("", self.device_label)
@@ -411,6 +417,7 @@ class RenderWidget(QWidget):
             seed=self.seed_spin.value(),
             strength=self.strength_spin.value(),
             sampler=self.sampler_combo.currentText(),
+            threads=self.threads_spin.value(),
         )
 
     def output_name(self, layout_name: str) -> str:
@@ -499,8 +506,10 @@ class RenderWidget(QWidget):
     def _job(params: RenderParams, layout: Layout, init: Any, mask: Any, device: str, cancel: threading.Event):
         """Worker body: load the checkpoint (cached by the engine), then render step by step."""
         from nucsynth.synthesize import get_synthesizer
+        from nucsynth.threads import set_threads
 
         yield (0, params.steps)
+        set_threads(params.threads or None)
         synth = get_synthesizer(params.checkpoint, device)
         made = yield from render_steps(synth, layout, params, init, mask, cancel)
         return None if made is None else (made, synth.family)

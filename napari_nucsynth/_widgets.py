@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QDoubleSpinBox
+from qtpy.QtWidgets import QDoubleSpinBox, QSpinBox
 
-__all__ = ["optional_spin", "optional_value"]
+__all__ = ["optional_spin", "optional_value", "threads_spin"]
 
 
 def optional_spin(minimum: float, maximum: float, default: float | None, step: float, none_text: str,
@@ -21,3 +21,14 @@ def optional_spin(minimum: float, maximum: float, default: float | None, step: f
 def optional_value(spin: QDoubleSpinBox) -> float | None:
     """The spin box's value, or None at its "unset" position."""
     return None if spin.value() <= spin.minimum() else float(spin.value())
+
+
+def threads_spin(cores: int) -> QSpinBox:
+    """CPU threads for the engine; 0 (shown as "auto") = the engine's policy, ``cores`` (the
+    cores this process may use)."""
+    spin = QSpinBox(minimum=0, maximum=max(64, cores))
+    spin.setSpecialValueText(f"auto ({cores})")
+    spin.setToolTip("CPU threads the engine computes with (auto: the cores this process may use). "
+                    "On a machine other programs keep busy, 1 can be as fast and leaves them their cores. "
+                    "Results can differ in the last float digits between thread counts.")
+    return spin

@@ -104,6 +104,43 @@ def test_render_adds_an_image_beside_the_layout(dock, qtbot) -> None:
     assert "cpu" in [dock.device_combo.itemText(i) for i in range(dock.device_combo.count())]
 
 
+def _torch_threads_of_a_new_thread() -> int:
+    """torch's thread count as a new engine thread sees it (the main thread keeps its own
+    OpenMP setting; every render runs in a fresh thread that takes torch's global one)."""
+    import threading
+
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
+def test_cpu_threads_setting_reaches_the_engine(dock, qtbot) -> None:
+    import os
+
+    from napari_nucsynth._render import RenderParams
+    from nucsynth.threads import available_cpus
+
+    before = torch.get_num_threads()
+    try:
+        assert dock.threads_spin.value() == 0 and dock.threads_spin.text() == f"auto ({available_cpus()})"
+        dock.threads_spin.setValue(1)
+        dock.run_btn.click()
+        qtbot.waitUntil(lambda: not dock.running, timeout=120000)
+        assert _torch_threads_of_a_new_thread() == 1
+        assert dock.viewer.layers["tile render"].metadata["nucsynth"]["threads"] == 1
+        dock.threads_spin.setValue(0)  # auto: the engine's policy
+        dock.run_btn.click()
+        qtbot.waitUntil(lambda: not dock.running, timeout=120000)
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        assert _torch_threads_of_a_new_thread() == (int(env) if env.isdigit() and int(env) >= 1 else available_cpus())
+        with pytest.raises(ValueError, match="threads must be >= 0"):
+            RenderParams(checkpoint="x", threads=-1)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rerender_region_changes_only_the_edited_region(dock, qtbot) -> None:
     from nucsynth.edit.region import edited_region
 
