@@ -9,7 +9,7 @@
 # 2. autoencoder: f = 4, 4 latent channels, label-aware decoder, 400 steps on 64 px crops;
 # 3. latent model: `tiny` latent preset, v-prediction, 128 px crops (32 x 32 latents),
 #    condition dropout 0.1 throughout (so classifier-free guidance works), 2400 steps;
-# 4. decoder fine-tuning: 200 more steps of the decoder alone on the frozen encoder;
+# 4. decoder fine-tuning: 600 more steps of the decoder alone on the frozen encoder;
 # 5. export the EMA weights of both in float16 into the package (about 20 MB together).
 # Times on the shared 2-core CPU are in docs/models.md. Both trainings resume exactly:
 # re-run the same command after an interruption (the train steps are given --resume when
@@ -37,9 +37,9 @@ resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
     --lr 2e-4 --warmup 100 --ema 0.995 --cond-drop 0.1 --checkpoint-every 100 --keep-checkpoints 3 \
     --preview-every 250 --seed 0 --threads "$THREADS" --device cpu --out "$RUN/latent"
 
-# 4. a better decoder for the same latent space: 200 more steps of the decoder alone (frozen encoder)
+# 4. a better decoder for the same latent space: 600 more steps of the decoder alone (frozen encoder)
 "$BIN/nucsynth" train $(resume "$RUN/decoder") --family autoencoder --finetune-decoder "$RUN/autoencoder/checkpoints/step_0000400" \
-    --data "$RUN/consep.zarr" --split train --steps 200 --batch-size 8 --lr 2e-4 --warmup 50 --ema 0.999 \
+    --data "$RUN/consep.zarr" --split train --steps 600 --batch-size 8 --lr 2e-4 --warmup 50 --ema 0.999 \
     --checkpoint-every 100 --seed 0 --threads "$THREADS" --device cpu --out "$RUN/decoder"
 
 # 5. layout statistics of the training patches (the demo's random layouts), then the export
