@@ -14,7 +14,7 @@ from functools import wraps
 from typing import Any, Callable
 
 import numpy as np
-from qtpy.QtGui import QColor, QKeySequence
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -50,6 +50,7 @@ from napari_nucsynth._layers import (
     remove_layers,
     role_of,
 )
+from napari_nucsynth._widgets import with_shortcut
 from nucsynth.layout import (
     CONSEP_CLASSES,
     LIZARD_CLASSES,
@@ -146,6 +147,7 @@ class DesignerWidget(QWidget):
         self.status.setWordWrap(True)
         root.addWidget(self.status)
         root.addStretch(1)
+        self._bind_shortcuts()
         self._action_buttons = [self.new_btn, self.from_image_btn, self.random_btn, self.points_btn,
                                 self.nuclei_btn, self.balance_btn, self.enlarge_btn, self.keep_btn,
                                 self.discard_btn, self.undo_btn, self.redo_btn, self.repair_btn]
@@ -331,9 +333,15 @@ class DesignerWidget(QWidget):
         row.addWidget(self.keep_btn)
         row.addWidget(self.discard_btn)
         v.addLayout(row)
-        self.keep_btn.setShortcut(QKeySequence("Ctrl+Return"))
         self._update_proposal_buttons()
         return box
+
+    def _bind_shortcuts(self) -> None:
+        """Keyboard shortcuts of the designer's actions (docs/plugin.md lists them)."""
+        for button, keys in ((self.random_btn, "Alt+R"), (self.balance_btn, "Alt+B"), (self.enlarge_btn, "Alt+E"),
+                             (self.keep_btn, "Ctrl+Return"), (self.discard_btn, "Alt+X"),
+                             (self.paint_btn, "Alt+N"), (self.point_btn, "Alt+O"), (self.new_btn, "Alt+Shift+N")):
+            with_shortcut(button, keys)
 
     # ------------------------------------------------------------------ jobs
     @property

@@ -176,7 +176,7 @@ from qtpy.QtWidgets import (  # noqa: E402  (the engine part above is usable wit
 )
 
 from napari_nucsynth._layers import LayoutLayers, find_layout_names, role_of  # noqa: E402
-from napari_nucsynth._widgets import optional_spin, optional_value, threads_spin  # noqa: E402
+from napari_nucsynth._widgets import optional_spin, optional_value, threads_spin, with_shortcut  # noqa: E402
 from nucsynth.threads import available_cpus  # noqa: E402
 
 
@@ -261,6 +261,9 @@ class RenderWidget(QWidget):
         self.cancel_btn.setToolTip("stop the render now (also from napari's activity panel)")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
+        for button, keys in ((self.run_btn, "Alt+Return"), (self.region_btn, "Alt+Shift+Return"),
+                             (self.cancel_btn, "Alt+Backspace")):
+            with_shortcut(button, keys)
         for b in (self.run_btn, self.region_btn, self.cancel_btn):
             row.addWidget(b)
         root.addLayout(row)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QDoubleSpinBox, QSpinBox
+from qtpy.QtGui import QKeySequence
+from qtpy.QtWidgets import QAbstractButton, QDoubleSpinBox, QSpinBox
 
-__all__ = ["optional_spin", "optional_value", "threads_spin"]
+__all__ = ["optional_spin", "optional_value", "threads_spin", "with_shortcut"]
 
 
 def optional_spin(minimum: float, maximum: float, default: float | None, step: float, none_text: str,
@@ -32,3 +33,14 @@ def threads_spin(cores: int) -> QSpinBox:
                     "On a machine other programs keep busy, 1 can be as fast and leaves them their cores. "
                     "Results can differ in the last float digits between thread counts.")
     return spin
+
+
+def with_shortcut(button: QAbstractButton, keys: str) -> None:
+    """Give ``button`` the keyboard shortcut ``keys`` (e.g. "Alt+R"; active anywhere in the
+    napari window while the dock is shown) and name it in the button's tooltip. Alt and
+    Ctrl combinations only: napari binds the plain keys to layer modes; and not Alt with
+    F, V, L, P, D, W or H, which open napari's menus, nor napari's own Ctrl keys (a
+    clash makes Qt drop both)."""
+    button.setShortcut(QKeySequence(keys))
+    tip = button.toolTip()
+    button.setToolTip(f"{tip} ({keys})" if tip else keys)

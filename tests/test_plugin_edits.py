@@ -53,7 +53,7 @@ class Driver:
     def click(self, layer, yx) -> None:
         self.drag(layer, [yx])
 
-    def key(self, key: str, ctrl: bool = False, shift: bool = False) -> None:
+    def key(self, key: str, ctrl: bool = False, shift: bool = False, alt: bool = False) -> None:
         from qtpy.QtCore import Qt
         from qtpy.QtWidgets import QApplication
 
@@ -62,6 +62,8 @@ class Driver:
             mods |= Qt.KeyboardModifier.ControlModifier
         if shift:
             mods |= Qt.KeyboardModifier.ShiftModifier
+        if alt:
+            mods |= Qt.KeyboardModifier.AltModifier
         self.qtbot.keyClick(self.native, getattr(Qt.Key, f"Key_{key}"), mods)
         QApplication.processEvents()
 
@@ -281,6 +283,42 @@ def test_keep_of_a_proposal_is_one_step_and_never_replays_old_strokes(ui) -> Non
     assert_consistent(ctrl, erased)
     drv.undo()
     assert_consistent(ctrl, lay)
+
+
+def test_keyboard_shortcuts_drive_the_designer(ui) -> None:
+    """Alt+R random layout, Alt+B balance, Alt+X discard, Ctrl+Return keep, typed on the
+    canvas; Ctrl+Z then brings back the layout before the kept proposal."""
+    d, drv, qtbot = ui
+    d.height_spin.setValue(96)
+    d.width_spin.setValue(96)
+    d.density_spin.setValue(120)
+    d.border_spin.setValue(8)
+    d.seed_spin.setValue(3)
+    assert "(Alt+R)" in d.random_btn.toolTip() and "(Ctrl+Return)" in d.keep_btn.toolTip()
+    window = d.viewer.window._qt_window
+    window.activateWindow()  # Qt delivers a window's shortcuts while it is the active one
+    qtbot.waitUntil(lambda: window.isActiveWindow(), timeout=5000)
+    drv.key("R", alt=True)
+    qtbot.waitUntil(lambda: d.ctrl is not None and not d.busy, timeout=60000)  # the shortcut's job ran
+    ctrl = d.ctrl
+    assert ctrl is not None and ctrl.layout().num_nuclei > 0
+    base = assert_consistent(ctrl)
+    d.set_target(1, 0.3)
+    for discard in (True, False):
+        drv.key("B", alt=True)
+        qtbot.waitUntil(lambda: d.proposal is not None and not d.busy, timeout=60000)
+        proposed = assert_consistent(d.proposal)
+        if discard:
+            drv.key("X", alt=True)
+            qtbot.waitUntil(lambda: d.proposal is None and not d.settling, timeout=5000)
+            assert_consistent(ctrl, base)
+    drv.key("Return", ctrl=True)
+    qtbot.waitUntil(lambda: d.proposal is None and not d.settling, timeout=5000)
+    assert_consistent(ctrl, proposed)
+    viewer = d.viewer
+    viewer.layers.selection.active = ctrl.instances
+    drv.undo()
+    assert_consistent(ctrl, base)
 
 
 def _free_area(inst: np.ndarray, r: int) -> np.ndarray:

@@ -102,6 +102,9 @@ def test_render_adds_an_image_beside_the_layout(dock, qtbot) -> None:
     dock.steps_spin.setValue(400)  # the estimate follows the settings: 100x the steps, 100x the time
     assert dock.estimate_s == pytest.approx(100 * four, rel=1e-6)
     assert "cpu" in [dock.device_combo.itemText(i) for i in range(dock.device_combo.count())]
+    assert [b.shortcut().toString() for b in (dock.run_btn, dock.region_btn, dock.cancel_btn)] == [
+        "Alt+Return", "Alt+Shift+Return", "Alt+Backspace"]
+    assert "(Alt+Return)" in dock.run_btn.toolTip()
 
 
 def _torch_threads_of_a_new_thread() -> int:
