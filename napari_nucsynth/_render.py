@@ -177,6 +177,7 @@ from qtpy.QtWidgets import (  # noqa: E402  (the engine part above is usable wit
 
 from napari_nucsynth._layers import LayoutLayers, find_layout_names, role_of  # noqa: E402
 from napari_nucsynth._widgets import optional_spin, optional_value, threads_spin, with_shortcut  # noqa: E402
+from nucsynth.models.base import one_pass_size  # noqa: E402
 from nucsynth.threads import available_cpus  # noqa: E402
 
 
@@ -376,11 +377,13 @@ class RenderWidget(QWidget):
             self.estimate_s = None
             return
         h, w = shape
-        trained = cfg.get("model", {}).get("image_size")
+        model = cfg.get("model", {})
         lines = []
-        if trained and (h, w) != (int(trained), int(trained)):
-            lines.append(f"the model was trained on {trained} px patches; this {h} x {w} layout costs "
-                         f"{h * w / int(trained) ** 2:.1f}x a patch per step")
+        if model.get("image_size"):
+            one = one_pass_size(int(model["image_size"]), model.get("latent"))
+            if h > one or w > one:
+                lines.append(f"the model renders up to {one} x {one} px in one pass; this {h} x {w} layout goes "
+                             f"through overlapping windows (at least {h * w / one ** 2:.1f}x the work per step)")
         est = SPEED.estimate(self.ckpt_edit.text().strip(), self.device(), h * w, self.steps_spin.value())
         self.estimate_s = est
         if est is None:

@@ -107,6 +107,10 @@ def test_latent_model_trains_samples_and_is_deterministic(latent_run, ae_ckpt):
     assert cfg["latent"]["autoencoder_hash"] == weights_hash(ae_ckpt)
     assert cfg["network"]["in_channels"] == 4 and cfg["network"]["image_size"] == 8
     model, _ = load_checkpoint(latent_run)
+    from nucsynth.models.base import one_pass_size
+
+    # the one-pass size is readable from config.json alone (the render dock's size note)
+    assert one_pass_size(cfg["image_size"], cfg["latent"]) == model.render_size == 2 * cfg["image_size"]
     lay = _samples(1, 64)[0].layout  # a canvas larger than the training crops
     a = model.sample([lay], steps=3, guidance=0.5, seed=7)[0].image
     b = model.sample([lay], steps=3, guidance=0.5, seed=7)[0].image

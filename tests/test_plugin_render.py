@@ -105,6 +105,14 @@ def test_render_adds_an_image_beside_the_layout(dock, qtbot) -> None:
     assert [b.shortcut().toString() for b in (dock.run_btn, dock.region_btn, dock.cancel_btn)] == [
         "Alt+Return", "Alt+Shift+Return", "Alt+Backspace"]
     assert "(Alt+Return)" in dock.run_btn.toolTip()
+    assert "windows" not in dock.estimate_label.text()  # the layout fits one pass of the model
+    from napari_nucsynth._layers import LayoutLayers
+    from nucsynth.generate.layouts import random_layout
+
+    LayoutLayers.show(dock.viewer, random_layout((2 * SIZE, SIZE), seed=2), "big")
+    dock.layout_combo.setCurrentText("big")
+    assert f"up to {SIZE} x {SIZE} px in one pass" in dock.estimate_label.text()
+    assert "overlapping windows (at least 2.0x the work per step)" in dock.estimate_label.text()
 
 
 def _torch_threads_of_a_new_thread() -> int:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that `import nucsynth.models` s
     from nucsynth.diffusion import GaussianDiffusion
     from nucsynth.layout import ClassSet
 
-__all__ = ["ModelFamily", "gaussian_diffusion", "register_family", "get_family", "family_names", "KNOWN_FAMILY_MODULES"]
+__all__ = ["ModelFamily", "gaussian_diffusion", "register_family", "one_pass_size", "get_family", "family_names", "KNOWN_FAMILY_MODULES"]
 
 # Families shipped with the engine: name -> module that registers it when imported.
 KNOWN_FAMILY_MODULES: dict[str, str] = {
@@ -141,6 +141,16 @@ def gaussian_diffusion(config: Any) -> "GaussianDiffusion":
         make_betas(config.schedule, config.timesteps), prediction=config.prediction,
         learned_variance=config.learned_variance, vb_weight=config.vb_weight,
     )
+
+
+def one_pass_size(image_size: int, latent: Mapping[str, Any] | None = None) -> int:
+    """Largest canvas side (px) a model trained on ``image_size`` px crops denoises in one
+    pass (larger canvases go through overlapping windows): the crop for pixel models, the
+    config's ``latent["render_size"]`` (default twice the crop) for latent ones. Works on a
+    checkpoint's ``config.json`` ``model`` section too (no weights needed)."""
+    if not latent:
+        return int(image_size)
+    return int(latent.get("render_size") or 2 * int(image_size))
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from nucsynth.diffusion.noise import row_seeds
 from nucsynth.layout import CONSEP_CLASSES, ClassSet, Layout, Sample
-from nucsynth.models.base import ModelFamily, gaussian_diffusion, register_family
+from nucsynth.models.base import ModelFamily, gaussian_diffusion, one_pass_size, register_family
 
 __all__ = ["SemanticConfig", "SemanticModel", "to_uint8", "latent_unet_config"]
 
@@ -294,9 +294,7 @@ class SemanticModel(ModelFamily):
         Latent models: ``latent["render_size"]``, by default twice the training crop (a
         latent U-Net trained on 32 x 32 latents denoises 64 x 64 latents in one pass without
         visible loss (docs/models.md), and windows would cost about twice as much)."""
-        if not self.is_latent:
-            return int(self.config.image_size)
-        return int(self.config.latent.get("render_size") or 2 * self.config.image_size)
+        return one_pass_size(self.config.image_size, self.config.latent if self.is_latent else None)
 
     @property
     def is_latent(self) -> bool:
