@@ -60,6 +60,7 @@ __all__ = [
     "default_checkpoint_dir",
     "cache_checkpoint_dir",
     "write_json_atomic",
+    "content_sha256",
 ]
 
 FORMAT = "nucsynth-checkpoint"
@@ -101,9 +102,24 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     outputs.fsync_dir(path.parent)
 
 
+def content_sha256(*parts: bytes | Path) -> str:
+    """SHA-256 (hex) over ``parts`` in order: bytes as given, files by their content
+    (streamed). The engine's one content hash: a checkpoint's per-file checksums, its
+    content hash for caching and provenance (:func:`nucsynth.synthesize.checkpoint_sha256`)
+    and the weights hash a latent model names its autoencoder by."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, (bytes, bytearray)):
+            h.update(part)
+        else:
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return content_sha256(path)
 
 
 def tidy_checkpoints(folder: str | Path, report: outputs.Report | None = None) -> list[str]:

@@ -214,19 +214,13 @@ def checkpoint_sha256(path: str | Path) -> str:
     """Content hash of a checkpoint: SHA-256 over its ``config.json`` and weight files (in a
     fixed order), so two copies of one model have one hash wherever they lie. Cached per
     file size and modification time."""
-    from nucsynth.checkpoint import CONFIG, EMA, MODEL, find_checkpoint
+    from nucsynth.checkpoint import CONFIG, EMA, MODEL, content_sha256, find_checkpoint
 
     ckpt = find_checkpoint(path)
     files = [ckpt / n for n in (CONFIG, EMA, MODEL) if (ckpt / n).is_file()]
     key = tuple(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = content_sha256(*(part for f in files for part in (f.name.encode(), f)))
     return _HASHES[key]
 
 

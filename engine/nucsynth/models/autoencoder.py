@@ -15,7 +15,6 @@ resolution. A latent semantic model (:mod:`nucsynth.models.semantic`, option
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -214,16 +213,11 @@ def weights_hash(checkpoint: str | Path) -> str:
     its autoencoder."""
     import json
 
-    from nucsynth.checkpoint import EMA, MODEL, find_checkpoint, read_config
+    from nucsynth.checkpoint import EMA, MODEL, content_sha256, find_checkpoint, read_config
 
     ckpt = find_checkpoint(checkpoint)
     weights = ckpt / EMA if (ckpt / EMA).exists() else ckpt / MODEL
-    h = hashlib.sha256()
-    h.update(json.dumps(read_config(ckpt).get("model", {}), sort_keys=True).encode())
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return content_sha256(json.dumps(read_config(ckpt).get("model", {}), sort_keys=True).encode(), weights)
 
 
 def same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
