@@ -375,17 +375,21 @@ def _ids_with_pixels(inst: np.ndarray) -> set[int]:
     return set(ids[ids > 0].tolist())
 
 
-def _write_labels(layer: Any, new: np.ndarray) -> None:
-    """Make the Labels ``layer`` show ``new`` (H, W). With the same shape and dtype the
-    layer's own array is overwritten and re-drawn: half the time of assigning a new array,
-    which also re-computes the viewer's dimensions (measured on 256 px layouts); the
-    controller does not need napari's data events for its own writes."""
+def _write_labels(layer: Any, new: np.ndarray, owned: np.ndarray | None) -> np.ndarray:
+    """Make the Labels ``layer`` show ``new`` (H, W); returns the array the layer now holds.
+
+    When the layer still holds ``owned`` (an array this controller gave it earlier) with the
+    same shape and dtype, it is overwritten in place and re-drawn: half the time of
+    assigning a new array, which also re-computes the viewer's dimensions (measured on
+    256 px layouts). Any other array (a file's, a read-only one, another layer's) is never
+    written to: the layer gets a copy of ``new``."""
     old = layer.data
-    if isinstance(old, np.ndarray) and old.shape == new.shape and old.dtype == new.dtype:
+    if old is owned and isinstance(old, np.ndarray) and old.shape == new.shape and old.dtype == new.dtype:
         old[...] = new
         layer.refresh()
-    else:
-        layer.data = new.copy()
+        return old
+    layer.data = new.copy()
+    return layer.data
 
 
 def _lookup(inst: np.ndarray, table: dict[int, int]) -> np.ndarray:
@@ -476,6 +480,7 @@ class LayoutLayers:
         self._pending_classes = False
         self._undo: deque[_State] = deque(maxlen=HISTORY)
         self._redo: deque[_State] = deque(maxlen=HISTORY)
+        self._shown: list[np.ndarray | None] = [None, None]  # the arrays this controller gave instances, classes
         names = layer_names(name)
         self.instances = viewer.layers[names["instances"]]
         self.classes = viewer.layers[names["classes"]]
@@ -604,7 +609,7 @@ class LayoutLayers:
     def _show_inst(self) -> None:
         self._updating = True
         try:
-            _write_labels(self.instances, self._inst)  # the layer's own array is painted on in place
+            self._shown[0] = _write_labels(self.instances, self._inst, self._shown[0])  # painted on in place
         finally:
             self._updating = False
 
@@ -650,7 +655,7 @@ class LayoutLayers:
         try:
             self.instances.features = _instance_features(ids, cls)
             if classes_map:
-                _write_labels(self.classes, _lookup(self._inst, self._cls))
+                self._shown[1] = _write_labels(self.classes, _lookup(self._inst, self._cls), self._shown[1])
             if not np.array_equal(np.asarray(self.centroids.data).reshape(-1, 2), pos):
                 self.centroids.data = pos  # setting points re-draws them all: only when they moved
             self.centroids.features = _point_features(ids, cls, self.class_set)

@@ -196,3 +196,24 @@ def test_a_move_onto_another_nucleus_is_refused(ctrl: LayoutLayers, layout: Layo
     assert ctrl.layout().equals(layout)
     assert np.allclose(ctrl.centroids.data[0], layout.centroids[0])
     assert notes and "not moved" in notes[0]
+
+
+def test_layout_writes_never_touch_an_array_it_did_not_give(make_napari_viewer) -> None:
+    """The controller overwrites its own label arrays in place (fast), but the array of a
+    file or another layer it adopted is replaced by a copy, never written to."""
+    from napari_nucsynth._layers import LayoutLayers
+    from nucsynth.generate.layouts import random_layout
+
+    viewer = make_napari_viewer()
+    a, b = random_layout((64, 64), seed=1), random_layout((64, 64), seed=2)
+    ctrl = LayoutLayers.show(viewer, a, "t")
+    users = np.asarray(ctrl.instances.data).copy()
+    users.flags.writeable = False  # e.g. an array a reader handed over
+    ctrl.instances.data = users  # the user replaces the layer's data
+    ctrl = LayoutLayers.attach(viewer, "t")
+    ctrl.set_layout(b)
+    assert not np.array_equal(users, b.inst_map) and ctrl.instances.data is not users
+    own = ctrl.instances.data
+    ctrl.set_layout(a)  # now the controller's own array: written in place
+    assert ctrl.instances.data is own and np.array_equal(own, a.inst_map)
+    assert ctrl.layout().equals(a)
