@@ -16,7 +16,7 @@ The worker threads run at the process's own priority on purpose: a lowered ("nic
 worker that holds the GIL when the OS preempts it keeps the main thread waiting for the GIL
 until the worker is scheduled again. Measured with two busy background processes
 (tests/test_plugin_heartbeat.py): the viewer stalled 317-742 ms during Random layout and a
-render with niced workers, 25-46 ms without.
+render with niced workers, 21-50 ms without.
 """
 
 from __future__ import annotations
