@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,34 @@ def test_a_deleted_layer_is_reported_and_repaired(designer, monkeypatch) -> None
     assert f"{ctrl.name} classes" in viewer.layers and designer.ctrl is ctrl
     assert ctrl.layout().equals(before)
     assert (viewer.layers[f"{ctrl.name} classes"].data == before.type_map()).all()
+
+
+def test_random_layout_from_a_statistics_file(designer, tmp_path, monkeypatch) -> None:
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    from nucsynth.generate.stats import CONSEP_LAYOUT_STATS
+
+    d = CONSEP_LAYOUT_STATS.to_dict()
+    d["nuclei_per_patch_quartiles"] = [8.0, 8.0, 8.0]
+    for i, entry in enumerate(d["classes"]):  # only epithelial nuclei in "our" data
+        entry["share"] = 1.0 if entry["name"] == "epithelial" else 0.0
+    (tmp_path / "s.json").write_text(json.dumps(d))
+    designer.stats_edit.setText(str(tmp_path / "s.json"))
+    designer.load_layout_stats()
+    assert designer.density_spin.value() == 8.0 and not shown
+    designer.random_btn.click()
+    designer.qtbot.waitUntil(lambda: not designer.busy, timeout=60000)
+    lay = designer.ctrl.layout()
+    h, w = lay.shape
+    assert set(lay.classes.tolist()) == {3}
+    assert lay.num_nuclei == pytest.approx(8 * h * w / 65536, abs=1)
+    # A broken file is one notification and changes nothing; an empty field is CoNSeP again.
+    d["classes"][0]["share"] = 2.0
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    designer.stats_edit.setText(str(tmp_path / "bad.json"))
+    designer.load_layout_stats()
+    assert shown and "classes[0]: 'share'" in shown[-1] and designer.density_spin.value() == 8.0
+    designer.stats_edit.setText("")
+    designer.load_layout_stats()
+    assert designer.density_spin.value() == 38.5
+    assert np.allclose(designer._targets_for(lay.class_set), [s.share for s in CONSEP_LAYOUT_STATS.classes], atol=1e-3)
