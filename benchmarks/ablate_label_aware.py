@@ -81,13 +81,12 @@ def main() -> None:
     import torch
 
     from bench_autoencoder import reconstruction_figures
-    from bench_realism import segmenter_encoder
+    from bench_realism import recovered_pq, segmenter_encoder
     from nucsynth.checkpoint import load_checkpoint, resolve_checkpoint
     from nucsynth.data.dataset import image_to_tensor, split_source
     from nucsynth.evaluate.image_quality import segmenter_feature_distance
-    from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
+    from nucsynth.evaluate.segmenter import load_segmenter
     from nucsynth.io.store import DatasetStore
-    from nucsynth.metrics import pq
     from nucsynth.models.semantic import to_uint8
 
     torch.set_num_threads(args.threads)
@@ -128,8 +127,7 @@ def main() -> None:
     real_images = [s.image for s in val]
 
     def pq_mean(images: list[np.ndarray]) -> float:
-        pred = predict_layouts(seg, images, seg_classes)
-        return float(np.mean([pq(s.layout.inst_map, q.inst_map)["pq"] for s, q in zip(val, pred)]))
+        return recovered_pq(seg, seg_classes, val, images)
 
     pq_real = pq_mean(real_images)
     out["pq_real"] = pq_real

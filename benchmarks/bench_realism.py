@@ -48,6 +48,16 @@ def segmenter_encoder(seg):
     return Encoder()
 
 
+def recovered_pq(seg, seg_classes, samples, images) -> float:
+    """Mean per-patch PQ of the segmenter's instances on ``images`` against the layouts of
+    ``samples`` (the real images' truth, or the layouts the images were rendered from)."""
+    from nucsynth.evaluate.segmenter import predict_layouts
+    from nucsynth.metrics import pq
+
+    pred = predict_layouts(seg, images, seg_classes)
+    return float(np.mean([pq(s.layout.inst_map, p.inst_map)["pq"] for s, p in zip(samples, pred)]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True)
@@ -68,9 +78,8 @@ def main() -> None:
 
     from nucsynth.checkpoint import load_checkpoint, resolve_checkpoint
     from nucsynth.evaluate.image_quality import segmenter_feature_distance
-    from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
+    from nucsynth.evaluate.segmenter import load_segmenter
     from nucsynth.io.store import DatasetStore
-    from nucsynth.metrics import pq
     from nucsynth.synthesize import checkpoint_sha256
 
     torch.set_num_threads(args.threads)
@@ -104,8 +113,7 @@ def main() -> None:
     real_images = [s.image for s in real]
 
     def recovery(images: list[np.ndarray]) -> float:
-        pred = predict_layouts(seg, images, seg_classes)
-        return float(np.mean([pq(s.layout.inst_map, p.inst_map)["pq"] for s, p in zip(real, pred)]))
+        return recovered_pq(seg, seg_classes, real, images)
 
     out: dict = {"patches": [int(i) for i in idx], "split": args.split, "steps": args.steps, "guidance": args.guidance,
                  "segmenter": args.segmenter or "shipped", "pq_real": recovery(real_images), "models": {}}
