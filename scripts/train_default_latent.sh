@@ -7,10 +7,11 @@
 #
 # 1. prepare: CoNSeP 256 px patches -> a store split by tile (22 train / 5 val tiles);
 # 2. autoencoder: f = 4, 4 latent channels, label-aware decoder, 400 steps on 64 px crops;
-# 3. latent model: `tiny` latent preset, v-prediction, 128 px crops (32 x 32 latents),
-#    condition dropout 0.1 throughout (so classifier-free guidance works), 2400 steps;
+# 3. latent model: `tiny` latent preset (1.9 M parameters), v-prediction, 128 px crops
+#    (32 x 32 latents of the training patches, encoded once in their 8 rotations/flips),
+#    condition dropout 0.1 throughout (so classifier-free guidance works), 8000 steps;
 # 4. decoder fine-tuning: 600 more steps of the decoder alone on the frozen encoder;
-# 5. export the EMA weights of both in float16 into the package (about 20 MB together).
+# 5. export the EMA weights of both in float16 into the package (about 9 MB together).
 # Times on the shared 2-core CPU are in docs/models.md. Both trainings resume exactly:
 # re-run the same command after an interruption (the train steps are given --resume when
 # their run folder already holds checkpoints).
@@ -18,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/consep256/Train}"
 RUN="${2:-runs/default_latent}"
-STEPS="${3:-2400}"
+STEPS="${3:-8000}"
 BIN="${NUCSYNTH_BIN:-.venv/bin}"
 THREADS="${THREADS:-2}"
 mkdir -p "$RUN"
@@ -35,7 +36,7 @@ resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
 "$BIN/nucsynth" train $(resume "$RUN/latent") --family semantic --autoencoder "$RUN/autoencoder/checkpoints/step_0000400" \
     --preset tiny --data "$RUN/consep.zarr" --split train --image-size 128 --steps "$STEPS" --batch-size 8 \
     --lr 2e-4 --warmup 100 --ema 0.995 --cond-drop 0.1 --checkpoint-every 100 --keep-checkpoints 3 \
-    --preview-every 250 --seed 0 --threads "$THREADS" --device cpu --out "$RUN/latent"
+    --preview-every 500 --seed 0 --threads "$THREADS" --device cpu --precompute-latents --out "$RUN/latent"
 
 # 4. a better decoder for the same latent space: 600 more steps of the decoder alone (frozen encoder)
 "$BIN/nucsynth" train $(resume "$RUN/decoder") --family autoencoder --finetune-decoder "$RUN/autoencoder/checkpoints/step_0000400" \
