@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_speed.py render  [--presets base,shipped] [--size 256] [--steps 20] [--repeats 2]
-    python benchmarks/bench_speed.py threads [--busy 2] [--repeats 5]
+    python benchmarks/bench_speed.py threads [--busy 2] [--repeats 5] [--sizes 256,64]
     python benchmarks/bench_speed.py scaling [--sizes 256,512,1024] [--steps 2]
     python benchmarks/bench_speed.py cputime [--size 256] [--steps 20] [--repeats 3]
 
@@ -16,9 +16,11 @@ with the load average printed, because the development machine is shared.
   every network call): wall-time ratio new/old and whether the outputs are bit-identical.
   ``base`` is a fresh network (weights drawn at random, so that every block matters);
   ``shipped`` is the default checkpoint.
-- ``threads``: with ``--busy`` background processes spinning on the CPU, a shipped-model
-  sampling step (guided, 64 px) and a segmenter training step (tiny preset, batch 4, 96 px)
-  with the engine's thread policy against one thread: ratio policy / one thread.
+- ``threads``: with ``--busy`` background processes spinning on the CPU, shipped-model
+  sampling steps (guided, at each of ``--sizes``: 256 px is the patch the designer and the
+  batch dock render, 64 px a quick preview) and a segmenter training step (tiny preset,
+  batch 4, 96 px) with the engine's thread policy against one thread: ratio policy / one
+  thread.
 - ``scaling``: shipped model, wall time per solver step at each canvas size (canvases
   larger than the training size go through the windowed sampler); the exponent p of
   time ~ pixels^p fitted over the sizes.
@@ -156,7 +158,7 @@ def bench_threads(args) -> None:
     from nucsynth.threads import available_cpus, default_threads, set_threads, wait_policy
 
     model = _model("shipped", 64)
-    cond = _cond(model, 64)
+    conds = {size: _cond(model, size) for size in args.sizes}
     seg_cfg = segmenter_preset("tiny", model.class_set.num_classes)
     seg = _build(seg_cfg, 0).train()
     opt = torch.optim.AdamW(seg.parameters(), lr=1e-3)
@@ -170,8 +172,8 @@ def bench_threads(args) -> None:
         "type_map": torch.randint(0, k1, (4, side, side), generator=g),
     }
 
-    def sample_step() -> None:
-        model.sample_tensor(model.net, cond, 2, 0.5, 0, "dpm++2m")
+    def sample_steps(size: int):
+        return lambda: model.sample_tensor(model.net, conds[size], 2, 0.5, 0, "dpm++2m")
 
     def train_step() -> None:
         loss, _ = segmenter_loss(seg(batch["image"]), batch, seg_cfg.loss_weights)
@@ -187,8 +189,8 @@ def bench_threads(args) -> None:
               f"usable cores, {wait_policy()} wait) vs 1 thread; {_load()}")
         print("| work | policy s | 1 thread s | policy / 1 thread |")
         print("|---|---|---|---|")
-        for name, fn in (("sampling: 2 guided steps, shipped model, 64 px", sample_step),
-                         ("segmenter train step, tiny, batch 4, 96 px", train_step)):
+        works = [(f"sampling: 2 guided steps, shipped model, {size} px", sample_steps(size)) for size in args.sizes]
+        for name, fn in (*works, ("segmenter train step, tiny, batch 4, 96 px", train_step)):
             fn()  # warm-up
             times = {policy: [], 1: []}
             for r in range(args.repeats):
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("threads")
     t.add_argument("--busy", type=int, default=2, help="background processes spinning (default 2)")
     t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[256, 64],
+                   help="sampling canvas sizes in px (default 256,64)")
     s = sub.add_parser("scaling")
     s.add_argument("--sizes", default="256,512,1024")
     s.add_argument("--steps", type=int, default=2)
