@@ -60,7 +60,7 @@ def train_plain_decoder(ae_net, source, steps: int, seed: int, batch: int = 8, c
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0:
-            print(f"plain decoder step {step + 1}/{steps} loss {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"plain decoder step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return plain.eval()
 
 
