@@ -106,9 +106,12 @@ def test_guidance_zero_is_one_pass_and_guidance_changes_output(model):
         assert calls == [1, 1]  # one network pass per step, batch of 1
         calls.clear()
         g1 = model.sample([_layout()], steps=2, guidance=2.0, seed=0)
-        # cond + null rows per step; on CPU each row is its own call (bit-identical to a
-        # batch render: nucsynth.diffusion.noise.exact_rows), which costs no more there
-        assert calls == [1, 1, 1, 1]
+        # cond + null rows of the sample in one batched pass per step (on CPU one such pass
+        # per sample, so it is bit-identical alone or in a batch: guided(per_sample=True))
+        assert calls == [2, 2]
+        calls.clear()
+        model.sample([_layout(), _layout()], steps=1, guidance=2.0, seed=0)
+        assert calls == [2, 2]  # two samples: one pair each
     finally:
         hook.remove()
     assert not np.array_equal(g0[0].image, g1[0].image)

@@ -77,7 +77,8 @@ def _concat(cond: Any, null: Any, batch: int) -> Any:
     raise TypeError(f"unsupported condition type {type(cond).__name__}")
 
 
-def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels: int) -> ModelFn:
+def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels: int,
+           per_sample: bool = False) -> ModelFn:
     """A ``model_fn(x, t)`` applying classifier-free guidance to ``net_fn(x, t, cond)``.
 
     One forward pass of the batch [x; x] with [cond; null_cond]; the first ``eps_channels``
@@ -87,6 +88,11 @@ def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels:
     unconditional model (co-synthesis' w < 1). ``cond`` / ``null_cond`` are tensors or
     (nested) dicts / tuples of tensors with the batch first; a null of batch 1 broadcasts.
 
+    ``per_sample``: one network pass per sample instead, of its pair [x_i; x_i] (or of x_i
+    alone when ``scale`` == 0), so every sample's result is the same, bit for bit, alone or
+    in any batch (CPU kernels choose their float summation order by batch size; see
+    :mod:`nucsynth.diffusion.noise`), at the cost of batching across samples.
+
     The stacked condition [cond; null_cond] is built once and the same tensors go to
     ``net_fn`` at every call, so a network that keeps per-condition work
     (:class:`nucsynth.nets.blocks.ConditionCache`) finds it again at every step.
@@ -95,6 +101,8 @@ def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels:
         raise ValueError(f"guidance scale must be >= -1 (0 = conditional, -1 = unconditional model), got {scale}")
     if eps_channels < 1:
         raise ValueError(f"eps_channels must be >= 1, got {eps_channels}")
+    if per_sample:
+        return _per_sample(net_fn, cond, null_cond, scale, eps_channels)
     if scale == 0:
         return lambda x, t: net_fn(x, t, cond)
     built: list[tuple[int, Any]] = []  # (batch, [cond; null]) once the batch is known
@@ -113,3 +121,25 @@ def guided(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels:
         return torch.cat([eps, out_c[:, eps_channels:]], dim=1)
 
     return model_fn
+
+
+def _per_sample(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_channels: int) -> ModelFn:
+    """:func:`guided` with one network pass per sample (its ``per_sample`` mode)."""
+    from nucsynth.diffusion.noise import row_of
+
+    rows: dict[int, ModelFn] = {}  # sample index -> its guided model_fn, built once
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        batch = x.shape[0]
+        cond_batch = _batch_size(cond)
+        if cond_batch is not None and cond_batch != batch:
+            raise ValueError(f"condition batch {cond_batch} != sample batch {batch}")
+        outs = []
+        for i in range(batch):
+            if i not in rows:
+                rows[i] = guided(net_fn, row_of(cond, i, batch), row_of(null_cond, i, batch), scale, eps_channels)
+            outs.append(rows[i](x[i : i + 1], row_of(t, i, batch)))
+        return torch.cat(outs)
+
+    return model_fn
+
