@@ -142,4 +142,3 @@ def _per_sample(net_fn: NetFn, cond: Any, null_cond: Any, scale: float, eps_chan
         return torch.cat(outs)
 
     return model_fn
-
