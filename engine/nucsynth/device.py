@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["pick_device", "describe_device", "inference_memory_format", "available_memory", "feature_cache_budget"]
+__all__ = ["pick_device", "describe_device", "inference_memory_format", "in_inference_format", "available_memory",
+           "feature_cache_budget"]
 
 # Share of the free memory that kept condition features may take (the rest is for the
 # network's activations and everything else the process does).
@@ -64,6 +65,14 @@ def inference_memory_format(device: "torch.device") -> "torch.memory_format":  #
     import torch
 
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def in_inference_format(x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """``x`` in :func:`inference_memory_format` of its device when no gradient is being
+    taken (inference), else ``x`` unchanged (training keeps the layout autograd expects)."""
+    import torch
+
+    return x if torch.is_grad_enabled() else x.contiguous(memory_format=inference_memory_format(x.device))
 
 
 def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:

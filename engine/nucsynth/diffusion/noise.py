@@ -30,7 +30,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Generators", "generators", "row_seeds", "randn", "rand", "randint", "rowwise", "exact_rows", "row_of"]
+__all__ = ["Generators", "generators", "row_seeds", "randn", "rand", "randint", "rowwise", "exact_rows", "row_of",
+           "rows_alone"]
 
 #: one generator for the whole batch, one per row, or None (torch's global generator)
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -107,7 +108,13 @@ def rowwise(net_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return fn
 
 
+def rows_alone(device: torch.device | str) -> bool:
+    """Whether samples go through the network one at a time on ``device``: on CPU, where it
+    makes them bit-identical alone or in a batch at no cost; not on accelerators, where
+    batching is the throughput (rows then match to float tolerance)."""
+    return torch.device(device).type == "cpu"
+
+
 def exact_rows(net_fn: Callable[..., Tensor], device: torch.device | str) -> Callable[..., Tensor]:
-    """:func:`rowwise` on CPU (bit-identical rows at no cost there), ``net_fn`` unchanged on
-    accelerators (batched for throughput; rows then match to float tolerance)."""
-    return rowwise(net_fn) if torch.device(device).type == "cpu" else net_fn
+    """:func:`rowwise` where :func:`rows_alone`, else ``net_fn`` unchanged."""
+    return rowwise(net_fn) if rows_alone(device) else net_fn

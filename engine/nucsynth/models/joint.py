@@ -405,7 +405,7 @@ class JointModel(ModelFamily):
         progress: Callable[[int, int], None] | None,
     ) -> JointMaps:
         from nucsynth.diffusion import Stepper, guided
-        from nucsynth.diffusion.noise import generators, randn, row_seeds
+        from nucsynth.diffusion.noise import generators, randn, row_seeds, rows_alone
         from nucsynth.diffusion.windows import windowed
         from nucsynth.diffusion.sampling import DEFAULT_SPACING
         from nucsynth.models.semantic import to_uint8
@@ -427,7 +427,7 @@ class JointModel(ModelFamily):
         # a canvas larger than the training size: overlapping windows of it, denoised together
         net_win = windowed(net_fn, self.config.image_size)
         model_fn = guided(net_win, cond, null, float(guidance), eps_channels=self.config.out_channels,
-                          per_sample=dev.type == "cpu")  # bit-identical alone or in a batch
+                          per_sample=rows_alone(dev))
         img_p = self.image_diffusion.respaced(int(steps), DEFAULT_SPACING[sampler])
         ts = img_p.timesteps.tolist()  # ONE step set for all three outputs
         dist_p = self.dist_diffusion.respaced(ts)

@@ -502,7 +502,7 @@ class SemanticModel(ModelFamily):
         """The diffusion state (B, C, h, w) denoised under ``cond`` at the state's resolution:
         images in pixel space (C = 3), scaled latents in latent space (C = z, not clipped)."""
         from nucsynth.diffusion import guided, sample
-        from nucsynth.diffusion.noise import generators, row_seeds
+        from nucsynth.diffusion.noise import generators, row_seeds, rows_alone
         from nucsynth.diffusion.windows import windowed
         from nucsynth.nets.blocks import ConditionCache
 
@@ -523,7 +523,7 @@ class SemanticModel(ModelFamily):
         # a canvas larger than the training size is denoised as overlapping windows of it
         net_fn = windowed(net_fn, self.render_size // self.config.latent_factor)
         model_fn = guided(net_fn, cond, torch.zeros_like(cond[:1]), float(guidance), eps_channels=channels,
-                          per_sample=dev.type == "cpu")  # bit-identical alone or in a batch
+                          per_sample=rows_alone(dev))
         shape = (cond.shape[0], channels, cond.shape[2], cond.shape[3])
         try:
             with torch.no_grad():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nucsynth.device import inference_memory_format
+from nucsynth.device import in_inference_format
 
 from .blocks import (
     AttentionBlock, ConditionFeatures, Downsample, GroupNorm, ResBlock, Upsample, group_count, timestep_embedding,
@@ -340,11 +340,9 @@ class SpadeUNet(nn.Module):
         self._check("early", early, cfg.early_channels, b, 4, (hgt, wid))
         self._check("late", late, cfg.late_channels, b, 4, (hgt, wid))
 
-        if not torch.is_grad_enabled():  # inference: the memory format fastest on this device
-            fmt = inference_memory_format(x.device)
-            x = x.contiguous(memory_format=fmt)
-            if isinstance(cond, Tensor):
-                cond = cond.contiguous(memory_format=fmt)
+        x = in_inference_format(x)  # inference: the memory format fastest on this device
+        if isinstance(cond, Tensor):
+            cond = in_inference_format(cond)
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if self.context_embed is not None:
             emb = emb + self.context_embed(context.to(emb.dtype))
