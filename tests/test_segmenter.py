@@ -139,6 +139,14 @@ def test_cli_train_and_evaluate(tmp_path, samples, capsys):
     assert "PQ" in capsys.readouterr().out
     assert main(["segmenter", "evaluate", "--model", str(out), "--data", str(store), "--split", "nope"]) == 2
     assert json.loads((out / "segmenter.json").read_text())["extra"]["preset"] == "cpu"  # the default preset
+    deeper = tmp_path / "deeper"
+    assert main(["segmenter", "train", "--data", str(store), "--out", str(deeper), "--steps", "1", "--batch-size", "2",
+                 "--crop", "32", "--blocks", "2", "--device", "cpu"]) == 0
+    net2, _, _ = S.load_segmenter(deeper)
+    assert net2.config.blocks == 2 and all(len(level) == 3 for level in net2.levels[1:])  # down-sampling + 2 blocks
+    assert main(["segmenter", "train", "--data", str(store), "--out", str(tmp_path / "bad"), "--steps", "1",
+                 "--blocks", "0", "--device", "cpu"]) == 2
+    assert not (tmp_path / "bad").exists()
     # tune on the training split, then score per patch and per tile, and record a real-image reference
     tuned, ref = tmp_path / "tuned", tmp_path / "with_ref"
     assert main(["segmenter", "tune", "--model", str(out), "--data", str(store), "--every", "1", "--out", str(tuned),

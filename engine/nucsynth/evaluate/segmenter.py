@@ -87,6 +87,8 @@ class SegmenterConfig:
         self.widths = tuple(int(w) for w in self.widths)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not isinstance(self.blocks, int) or self.blocks < 1:
+            raise ValueError(f"blocks (residual blocks per level) must be an integer >= 1, got {self.blocks!r}")
         if not self.widths or min(self.widths) < 4:
             raise ValueError(f"widths must be a non-empty list of channel counts >= 4, got {self.widths}")
         if self.crop is not None and self.crop % (2 ** (len(self.widths) - 1)):
