@@ -43,8 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, help="batch size (preset default)")
     t.add_argument("--lr", type=float, help="AdamW learning rate (preset default)")
     t.add_argument("--crop", type=int, help="training crop in px (preset default)")
-    t.add_argument("--blocks", type=int,
-                   help="residual blocks per encoder level (preset default; 2 = more capacity per CPU minute, docs/metrics.md)")
+    t.add_argument("--blocks", type=int, help="residual blocks per encoder level (preset default)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation (default 0)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     t.add_argument("--checkpoint-every", type=int, default=0,
