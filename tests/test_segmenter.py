@@ -141,8 +141,9 @@ def test_cli_train_and_evaluate(tmp_path, samples, capsys):
     assert json.loads((out / "segmenter.json").read_text())["extra"]["preset"] == "cpu"  # the default preset
     deeper = tmp_path / "deeper"
     assert main(["segmenter", "train", "--data", str(store), "--out", str(deeper), "--steps", "1", "--batch-size", "2",
-                 "--crop", "32", "--blocks", "2", "--device", "cpu"]) == 0
+                 "--crop", "32", "--blocks", "2", "--stain-jitter", "0.05", "--device", "cpu"]) == 0
     net2, _, _ = S.load_segmenter(deeper)
+    assert net2.config.stain_jitter == 0.05
     assert net2.config.blocks == 2 and all(len(level) == 3 for level in net2.levels[1:])  # down-sampling + 2 blocks
     assert main(["segmenter", "train", "--data", str(store), "--out", str(tmp_path / "bad"), "--steps", "1",
                  "--blocks", "0", "--device", "cpu"]) == 2
@@ -239,6 +240,24 @@ def test_colour_jitter_is_seeded_and_keeps_the_range():
     assert torch.allclose(S._color_jitter(x.clamp(-1, 1), 0.0, torch.Generator()), x, atol=1e-6)
 
 
+def test_stain_jitter_is_seeded_exact_at_zero_and_moves_the_stains():
+    from skimage.color import rgb2hed
+
+    x = torch.rand(3, 3, 8, 8) * 1.6 - 0.8  # away from black, where the densities explode
+    assert torch.allclose(S._stain_jitter(x, 0.0, torch.Generator()), x, atol=1e-5)  # deconvolution round trip
+    a = S._stain_jitter(x, 0.1, torch.Generator().manual_seed(1))
+    b = S._stain_jitter(x, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, x) and a.min() >= -1 and a.max() <= 1
+    # each image's stain densities scaled and shifted by one (alpha, beta) per stain
+    to_rgb = lambda t: ((t[0].permute(1, 2, 0).numpy() + 1) / 2).astype(np.float64)  # noqa: E731
+    before, after = rgb2hed(to_rgb(x)).reshape(-1, 3), rgb2hed(to_rgb(a)).reshape(-1, 3)
+    for c in range(3):
+        slope, _ = np.polyfit(before[:, c], after[:, c], 1)
+        assert 0.85 < slope < 1.15 and abs(slope - 1) > 1e-4
+    with pytest.raises(ValueError, match="stain_jitter must be in"):
+        tiny_config(stain_jitter=1.5)
+
+
 def test_shared_decoder_is_cheaper_and_trains_deterministically(samples):
     sep = S.HoVerSegmenter(tiny_config(widths=(8, 16, 32)))
     shared = S.HoVerSegmenter(tiny_config(widths=(8, 16, 32), decoder="shared"))
@@ -246,7 +265,8 @@ def test_shared_decoder_is_cheaper_and_trains_deterministically(samples):
     assert n(shared) < 0.7 * n(sep)  # one decoder instead of three
     out = shared(torch.zeros(1, 3, 32, 32))
     assert out["np"].shape == (1, 2, 32, 32) and out["hv"].shape == (1, 2, 32, 32) and out["tp"].shape == (1, 5, 32, 32)
-    cfg = tiny_config(decoder="shared", class_weighting="sqrt", rare_boost=3.0, color_jitter=0.1, steps=2)
+    cfg = tiny_config(decoder="shared", class_weighting="sqrt", rare_boost=3.0, color_jitter=0.1, stain_jitter=0.1,
+                      steps=2)
     seen = []
     a, log_a = S.train_segmenter(samples, cfg, seed=1, checkpoint=lambda step, net: seen.append(step), checkpoint_every=1)
     b, log_b = S.train_segmenter(samples, cfg, seed=1)

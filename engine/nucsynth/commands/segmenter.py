@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, help="AdamW learning rate (preset default)")
     t.add_argument("--crop", type=int, help="training crop in px (preset default)")
     t.add_argument("--blocks", type=int, help="residual blocks per encoder level (preset default)")
+    t.add_argument("--stain-jitter", type=float,
+                   help="HED stain augmentation strength: stain densities x (1 +- s) +- s (preset default)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation (default 0)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     t.add_argument("--checkpoint-every", type=int, default=0,
@@ -148,7 +150,8 @@ def _train(args: argparse.Namespace) -> int:
     data = list(load_split(args.data, args.split))
     class_set = data[0].layout.class_set
     config = segmenter_preset(args.preset, class_set.num_classes, steps=args.steps, batch_size=args.batch_size,
-                              lr=args.lr, crop=args.crop, blocks=args.blocks)
+                              lr=args.lr, crop=args.crop, blocks=args.blocks,
+                              stain_jitter=args.stain_jitter)
     device = pick_device(args.device)
     threads = torch.get_num_threads()  # set by the --threads option every command has
     every = max(1, config.steps // 50)

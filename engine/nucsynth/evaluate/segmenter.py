@@ -82,6 +82,10 @@ class SegmenterConfig:
     # Strength of the per-image colour jitter (brightness, contrast, saturation and a
     # per-channel gain, each uniform in +-strength); 0 = geometric augmentation only.
     color_jitter: float = 0.0
+    # Strength of the HED stain augmentation (Tellez et al. 2018): each image's haematoxylin,
+    # eosin and DAB optical densities scaled by 1 +- strength and shifted by +- strength;
+    # 0 = none.
+    stain_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -102,6 +106,8 @@ class SegmenterConfig:
             raise ValueError(f"rare_boost must be >= 1 (1 = uniform sampling), got {self.rare_boost}")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        if not 0.0 <= self.stain_jitter < 1.0:
+            raise ValueError(f"stain_jitter must be in [0, 1), got {self.stain_jitter}")
         allowed = _watershed_options()
         unknown = sorted(set(self.postprocess) - allowed)
         if unknown:
@@ -341,6 +347,25 @@ def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     return y.clamp(0, 1) * 2 - 1
 
 
+def _stain_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """HED stain augmentation of images in [-1, 1] (B, 3, H, W) (Tellez et al. 2018): in
+    scikit-image's colour deconvolution (Ruifrok & Johnston), each image's three stain
+    optical densities become ``c * alpha + beta``, alpha uniform in 1 +- ``strength`` and
+    beta in +- ``strength``, per image and stain."""
+    from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+
+    b = x.shape[0]
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=x.dtype, device=x.device)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=x.dtype, device=x.device)
+    alpha = (1 + (torch.rand(b, 1, 3, generator=gen) * 2 - 1) * strength).to(x.device, x.dtype)
+    beta = ((torch.rand(b, 1, 3, generator=gen) * 2 - 1) * strength).to(x.device, x.dtype)
+    rgb = ((x + 1) / 2).clamp_min(1e-6).permute(0, 2, 3, 1).reshape(b, -1, 3)  # (B, HW, 3)
+    # skimage's rgb2hed in natural-log optical density units, not clipped at 0: exactly invertible
+    hed = (-torch.log(rgb)) @ to_hed
+    rgb = torch.exp(-((hed * alpha + beta) @ to_rgb)).clamp(0, 1)
+    return (rgb.reshape(b, *x.shape[2:], 3).permute(0, 3, 1, 2) * 2 - 1).contiguous()
+
+
 def _build(config: SegmenterConfig, seed: int) -> HoVerSegmenter:
     # Initialize from a fixed seed without leaving the global RNG changed.
     with torch.random.fork_rng(devices=[]):
@@ -367,6 +392,7 @@ def train_segmenter(
     training mode: copy what you keep).
     """
     from nucsynth.data.dataset import SampleDataset
+    from nucsynth.device import inference_memory_format
 
     if len(source) == 0:
         raise ValueError("the training source holds no samples")
@@ -383,7 +409,10 @@ def train_segmenter(
     if config.class_weighting != "none":
         class_weights = torch.from_numpy(type_class_weights(source, config.class_weighting)).float().to(dev)
     draw_p = torch.from_numpy(patch_sampling_weights(source, config.rare_boost))
-    net = _build(config, seed).to(dev).train()
+    # The fastest convolution layout on the device (CPU: channels-last, 0.90x the CPU time
+    # of an NCHW training step of the cpu preset with two blocks, measured).
+    fmt = inference_memory_format(dev)
+    net = _build(config, seed).to(dev, memory_format=fmt).train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
     gen = torch.Generator().manual_seed(seed)
@@ -394,9 +423,12 @@ def train_segmenter(
         idx = torch.multinomial(draw_p, config.batch_size, replacement=True, generator=gen).tolist()
         items = [data[i] for i in idx]
         batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+        if config.stain_jitter > 0:
+            batch["image"] = _stain_jitter(batch["image"], config.stain_jitter, gen)
         if config.color_jitter > 0:
             batch["image"] = _color_jitter(batch["image"], config.color_jitter, gen)
         image, pad = _pad_to(batch["image"], config.multiple)
+        image = image.contiguous(memory_format=fmt)
         out = {k: _unpad(v, pad) for k, v in net(image).items()}
         loss, terms = segmenter_loss(out, batch, config.loss_weights, class_weights)
         opt.zero_grad(set_to_none=True)
@@ -479,13 +511,16 @@ def predict_layouts(
 
 
 # Candidate values of each post-processing option searched by tune_postprocess.
+# The two-block cpu model chose the largest values of the first grid for sobel_ksize,
+# open_ksize and min_size: the grid now reaches past them (Sobel up to OpenCV's 31).
 TUNE_GRID: dict[str, tuple[float, ...]] = {
     "threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
     "marker_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    "sobel_ksize": (5, 7, 9, 11, 15, 21),
-    "open_ksize": (1, 3, 5),
-    "marker_min_size": (3, 5, 10),
-    "min_size": (5, 10, 20),
+    "sobel_ksize": (5, 7, 9, 11, 15, 21, 25, 31),
+    "open_ksize": (1, 3, 5, 7),
+    "marker_min_size": (3, 5, 10, 20),
+    "min_size": (5, 10, 20, 30, 50),
+    "blur_ksize": (1, 3, 5),
 }
 
 
