@@ -172,6 +172,17 @@ def test_the_shipped_segmenter_loads_and_carries_its_reference():
     assert (S.DEFAULT_SEGMENTER / "model.safetensors").stat().st_size < 8_000_000  # a few MB
     lay = S.predict_layouts(net, [procedural_sample((64, 64), seed=0).image], cs)[0]
     assert lay.shape == (64, 64)
+    # it was trained with what is now the quick preset (then called cpu), its post-processing tuned
+    quick = S.segmenter_preset("quick", 4, postprocess=net.config.postprocess)
+    assert net.config.to_dict() == quick.to_dict()
+
+
+def test_the_cpu_preset_is_the_deeper_hv_weighted_quick_preset():
+    quick, cpu = S.segmenter_preset("quick", 4), S.segmenter_preset("cpu", 4)
+    assert (cpu.blocks, quick.blocks) == (2, 1) and cpu.steps > quick.steps
+    assert cpu.stain_jitter > 0 and quick.stain_jitter == 0
+    assert cpu.loss_weights["hv_mse"] > 1 and cpu.loss_weights["hv_msge"] > 1 and quick.loss_weights["hv_msge"] == 1
+    assert S.PRESETS["cpu"]["loss_weights"] is not cpu.loss_weights  # a preset is copied, never shared
 
 
 @pytest.mark.realdata

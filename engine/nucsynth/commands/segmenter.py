@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a segmenter on a store split")
     t.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
     t.add_argument("--split", default="train", help="split to train on (default: train; 'all' = every patch)")
-    t.add_argument("--preset", default="cpu", choices=("tiny", "cpu", "base"),
-                   help="tiny: seconds, for tests; cpu: the yardstick, <= 30 min on 2 cores (default); base: a GPU model")
+    t.add_argument("--preset", default="cpu", choices=("tiny", "quick", "cpu", "base"),
+                   help="tiny: seconds, for tests; quick: 10-17 min on 2 cores; cpu: the yardstick, 22-37 min on 2 cores "
+                        "(default); base: a GPU model")
     t.add_argument("--out", type=Path, required=True, help="model folder to write (never the --data store)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder (the old one stays until the new one is written)")
