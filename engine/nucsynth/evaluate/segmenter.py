@@ -153,8 +153,8 @@ TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marke
 # pixel-frequency CE weights and patches with a rare nucleus drawn 3x as often (without
 # them the "other" class is never predicted). Colour jitter because the held-out tiles are
 # stained differently from the training ones. About 10-17 min on 2 cores.
-# cpu: the yardstick (22-37 min on 2 cores, measured). As quick, with two residual blocks per level,
-# 4000 steps (0.34-0.43 s each on two cores, measured), HED stain jitter, and the HV losses
+# cpu: the yardstick. As quick, with two residual blocks per level, 4000 steps (0.34-0.53 s
+# each on two cores over one day of this shared machine: 22-35 min), HED stain jitter, and the HV losses
 # weighted 4x (MSE) and 8x (MSGE): in the shared decoder the type branch's loss dominated
 # (HV terms 0.07 of 1.2), and merged nuclei were the main error (docs/metrics.md).
 QUICK: dict[str, Any] = {"widths": (16, 32, 64, 128), "blocks": 1, "decoder": "shared", "steps": 2000, "batch_size": 8,
@@ -420,8 +420,8 @@ def train_segmenter(
     if config.class_weighting != "none":
         class_weights = torch.from_numpy(type_class_weights(source, config.class_weighting)).float().to(dev)
     draw_p = torch.from_numpy(patch_sampling_weights(source, config.rare_boost))
-    # The fastest convolution layout on the device (CPU: channels-last, 0.90x the CPU time
-    # of an NCHW training step of the cpu preset with two blocks, measured).
+    # The device's convolution layout (CPU: channels-last; a two-block cpu training step took
+    # 0.90-1.01x the CPU time of NCHW on one thread and 0.92x on two, measured).
     fmt = inference_memory_format(dev)
     net = _build(config, seed).to(dev, memory_format=fmt).train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
