@@ -185,6 +185,21 @@ def test_the_cpu_preset_is_the_deeper_hv_weighted_quick_preset():
     assert S.PRESETS["cpu"]["loss_weights"] is not cpu.loss_weights  # a preset is copied, never shared
 
 
+def test_the_cli_offers_every_preset():
+    """The commands list the presets literally (importing the segmenter at argument-parsing
+    time would load torch): they must not drift from PRESETS."""
+    import argparse
+
+    from nucsynth.commands import evaluate, segmenter
+
+    for module, path in ((segmenter, ("train",)), (evaluate, ("downstream",))):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[path[0]]
+        preset = next(a for a in sub._actions if a.dest == "preset")
+        assert sorted(preset.choices) == sorted(S.PRESETS) and preset.default == "cpu"
+
+
 @pytest.mark.realdata
 def test_the_shipped_segmenter_finds_nuclei_of_every_class_on_held_out_tiles(consep_dir):
     """The 5 held-out tiles of `nucsynth prepare`'s default split, which the shipped model

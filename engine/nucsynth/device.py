@@ -56,7 +56,8 @@ def describe_device(device: "torch.device") -> str:  # noqa: F821
 
 
 def inference_memory_format(device: "torch.device") -> "torch.memory_format":  # noqa: F821
-    """The memory format the engine's convolution networks run inference in on ``device``.
+    """The memory format the engine's convolution networks run inference in on ``device``
+    (the segmenter also trains in it: its small steps gain a little, docs/metrics.md).
 
     CPU: ``channels_last`` (measured on the SPADE U-Net, 1 thread, CPU time of one forward:
     0.81x of NCHW for ``tiny`` and 0.83x for ``base`` at 256 px, 1.0x for ``tiny`` at

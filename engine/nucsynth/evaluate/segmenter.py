@@ -154,14 +154,13 @@ TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marke
 # them the "other" class is never predicted). Colour jitter because the held-out tiles are
 # stained differently from the training ones. About 10-17 min on 2 cores.
 # cpu: the yardstick. As quick, with two residual blocks per level, 4000 steps (0.34-0.53 s
-# each on two cores over one day of this shared machine: 22-35 min), HED stain jitter, and the HV losses
-# weighted 4x (MSE) and 8x (MSGE): in the shared decoder the type branch's loss dominated
+# each on two cores over one day of a shared machine: 22-35 min), HED stain jitter, and
+# the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder the type branch's loss dominated
 # (HV terms 0.07 of 1.2), and merged nuclei were the main error (docs/metrics.md).
 QUICK: dict[str, Any] = {"widths": (16, 32, 64, 128), "blocks": 1, "decoder": "shared", "steps": 2000, "batch_size": 8,
                          "lr": 2e-3, "crop": 96, "postprocess": TINY_POSTPROCESS, "class_weighting": "sqrt",
                          "rare_boost": 3.0, "color_jitter": 0.1}
-HV_MSE, HV_MSGE = 4.0, 8.0
-HV_WEIGHTED_LOSS: dict[str, float] = {"np_ce": 1.0, "np_dice": 1.0, "hv_mse": HV_MSE, "hv_msge": HV_MSGE, "tp_ce": 1.0, "tp_dice": 1.0}
+HV_WEIGHTED_LOSS: dict[str, float] = {"np_ce": 1.0, "np_dice": 1.0, "hv_mse": 4.0, "hv_msge": 8.0, "tp_ce": 1.0, "tp_dice": 1.0}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": (16, 32, 64, 128), "blocks": 1, "steps": 1000, "batch_size": 4, "lr": 2e-3, "crop": 96,
              "postprocess": TINY_POSTPROCESS},
