@@ -17,10 +17,11 @@ with the load average printed, because the development machine is shared.
   ``base`` is a fresh network (weights drawn at random, so that every block matters);
   ``shipped`` is the default checkpoint.
 - ``threads``: with ``--busy`` background processes spinning on the CPU, shipped-model
-  sampling steps (guided, at each of ``--sizes``: 256 px is the patch the designer and the
-  batch dock render, 64 px a quick preview) and a segmenter training step (tiny preset,
-  batch 4, 96 px) with the engine's thread policy against one thread: ratio policy / one
-  thread.
+  renders through the synthesis engine (2 guided steps, at each of ``--sizes``: 256 px is
+  the patch the designer and the batch dock render, 64 px a quick preview, which the engine
+  runs on one thread) and segmenter training steps (the ``tiny`` preset at batch 4, and the
+  default ``cpu`` preset) with the engine's thread policy against one thread: ratio
+  policy / one thread.
 - ``scaling``: shipped model, wall time per solver step at each canvas size (canvases
   larger than the training size go through the windowed sampler); the exponent p of
   time ~ pixels^p fitted over the sizes.
@@ -151,37 +152,50 @@ def _busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def bench_threads(args) -> None:
+def _train_step(preset: str, num_classes: int, batch_size: int | None = None):
+    """One segmenter training step of ``preset`` on a fixed random batch of its crop size."""
     import torch
 
     from nucsynth.evaluate.segmenter import _build, segmenter_loss, segmenter_preset
-    from nucsynth.threads import available_cpus, default_threads, set_threads, wait_policy
 
-    model = _model("shipped", 64)
-    conds = {size: _cond(model, size) for size in args.sizes}
-    seg_cfg = segmenter_preset("tiny", model.class_set.num_classes)
-    seg = _build(seg_cfg, 0).train()
+    cfg = segmenter_preset(preset, num_classes)
+    seg = _build(cfg, 0).train()
     opt = torch.optim.AdamW(seg.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    k1 = model.class_set.num_classes + 1
-    side = 96
+    b, side = batch_size or cfg.batch_size, cfg.crop
     batch = {
-        "image": torch.rand(4, 3, side, side, generator=g) * 2 - 1,
-        "mask": (torch.rand(4, 1, side, side, generator=g) > 0.6).float(),
-        "hv": torch.rand(4, 2, side, side, generator=g) * 2 - 1,
-        "type_map": torch.randint(0, k1, (4, side, side), generator=g),
+        "image": torch.rand(b, 3, side, side, generator=g) * 2 - 1,
+        "mask": (torch.rand(b, 1, side, side, generator=g) > 0.6).float(),
+        "hv": torch.rand(b, 2, side, side, generator=g) * 2 - 1,
+        "type_map": torch.randint(0, num_classes + 1, (b, side, side), generator=g),
     }
 
-    def sample_steps(size: int):
-        return lambda: model.sample_tensor(model.net, conds[size], 2, 0.5, 0, "dpm++2m")
-
-    def train_step() -> None:
-        loss, _ = segmenter_loss(seg(batch["image"]), batch, seg_cfg.loss_weights)
+    def step() -> None:
+        loss, _ = segmenter_loss(seg(batch["image"]), batch, cfg.loss_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    return f"segmenter train step, {preset} preset, batch {b}, {side} px", step
+
+
+def bench_threads(args) -> None:
+    from nucsynth.generate.layouts import random_layout
+    from nucsynth.synthesize import Item, SynthesisOptions, get_synthesizer
+    from nucsynth.threads import available_cpus, default_threads, set_threads, wait_policy
+
+    synth = get_synthesizer(device="cpu")
+    options = synth.resolve(SynthesisOptions(steps=2, guidance=0.5))
+    k = synth.class_set.num_classes
+
+    def render(size: int):
+        items = [Item(0, 0, random_layout((size, size), synth.class_set, seed=0))]
+        return (f"sampling: 2 guided steps, shipped model, {size} px ({synth.network_positions(items)} positions)",
+                lambda: synth.render(items, options))
+
     policy = default_threads()
+    works = [render(size) for size in args.sizes]
+    works += [_train_step("tiny", k, 4), _train_step("cpu", k)]  # tiny: the step of earlier runs; cpu: the default
     busy = _busy(args.busy)
     try:
         time.sleep(1.0)
@@ -189,8 +203,7 @@ def bench_threads(args) -> None:
               f"usable cores, {wait_policy()} wait) vs 1 thread; {_load()}")
         print("| work | policy s | 1 thread s | policy / 1 thread |")
         print("|---|---|---|---|")
-        works = [(f"sampling: 2 guided steps, shipped model, {size} px", sample_steps(size)) for size in args.sizes]
-        for name, fn in (*works, ("segmenter train step, tiny, batch 4, 96 px", train_step)):
+        for name, fn in works:
             fn()  # warm-up
             times = {policy: [], 1: []}
             for r in range(args.repeats):

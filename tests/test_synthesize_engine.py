@@ -20,7 +20,9 @@ from nucsynth.layout import CONSEP_CLASSES, Sample
 from nucsynth.models.joint import JointModel
 from nucsynth.models.semantic import SemanticModel
 from nucsynth.models.structure import StructureModel
+from nucsynth.threads import SMALL_WORK_POSITIONS
 from nucsynth.synthesize import (
+    Item,
     SynthesisJob,
     SynthesisOptions,
     clear_synthesizers,
@@ -237,3 +239,22 @@ def test_labels_only_edits_are_refused_for_segmenters_until_rendered(ckpts, tmp_
     rendered = tmp_path / "rendered.zarr"
     assert main(_cli(ckpts["semantic"], rendered, "--layouts", str(edited))) == 0
     assert len(load_split(rendered, "synthetic")) == 5  # rendered images show the edited labels
+
+
+def test_a_small_render_runs_on_one_thread_whatever_the_setting(ckpts):
+    """A render too small to split across threads runs on one (faster, measured), so its
+    pixels do not depend on --threads; the setting is restored and provenance tells."""
+    synth = get_synthesizer(ckpts["semantic"], device="cpu")
+    options = synth.resolve(SynthesisOptions(steps=2))
+    small = [Item(0, 3, random_layout((16, 16), CONSEP_CLASSES, seed=0))]
+    large = [Item(0, 3, random_layout((SIZE, SIZE), CONSEP_CLASSES, seed=0))]
+    assert synth.network_positions(small) == 16 * 16 < SMALL_WORK_POSITIONS <= synth.network_positions(large)
+    images = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        sample = synth.render(small, options)[0]
+        assert torch.get_num_threads() == n
+        assert sample.provenance["torch_threads"] == 1
+        images[n] = sample.image
+        assert synth.render(large, options)[0].provenance["torch_threads"] == n
+    np.testing.assert_array_equal(images[1], images[2])

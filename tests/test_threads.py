@@ -143,3 +143,18 @@ def test_cli_threads_applied_and_checked(capsys: pytest.CaptureFixture[str]) -> 
         assert "--data is required" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_threads_for_work_caps_small_work_and_restores_the_count() -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    with threads.threads_for_work(threads.SMALL_WORK_POSITIONS - 1) as n:
+        assert n == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with threads.threads_for_work(threads.SMALL_WORK_POSITIONS) as n:
+        assert n == torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError), threads.threads_for_work(1):
+        raise RuntimeError("a failed render")
+    assert torch.get_num_threads() == 2

@@ -392,6 +392,23 @@ class Synthesizer:
             raise ValueError(f"strength {strength} partially noises the source's images, but the source has none")
         return options.replace(guidance=float(guidance), strength=strength)
 
+    def _diffusion_state(self, canvas: tuple[int, int]) -> tuple[int, tuple[int, int], int]:
+        """(f, (h, w), window) of the image model's diffusion on ``canvas`` px: latent models
+        diffuse at 1/f of the image, windows of the training size beyond it."""
+        model = self.image_model if self.family == "structure" else self.model
+        f = int(getattr(model.config, "latent_factor", 1) or 1)
+        return f, (canvas[0] // f, canvas[1] // f), int(model.render_size or max(canvas)) // f
+
+    def network_positions(self, items: Sequence[Item]) -> int:
+        """Positions of the diffusion state a network call sees when rendering ``items`` as one
+        batch (batch x height x width, windows for large canvases): the work size of
+        :func:`nucsynth.threads.threads_for_work`."""
+        shape = items[0].layout.shape if items[0].layout is not None else items[0].size
+        if shape is None:  # nothing to render (render refuses it)
+            return 0
+        _, (h, w), window = self._diffusion_state(tuple(shape))
+        return len(items) * min(h, window) * min(w, window)
+
     def memory_estimate(self, canvas: tuple[int, int], batch: int, guidance: float) -> int:
         """Estimated peak bytes of rendering ``batch`` canvases of ``canvas`` px (see
         :func:`nucsynth.diffusion.windows.estimate_bytes`): canvases larger than the training
@@ -400,12 +417,10 @@ class Synthesizer:
 
         model = self.image_model if self.family == "structure" else self.model
         cfg = model.config
-        f = int(getattr(cfg, "latent_factor", 1) or 1)  # latent models diffuse at 1/f of the image
+        f, state, window = self._diffusion_state(canvas)
         latent = getattr(cfg, "latent", None) or {}
         channels = int(latent.get("channels", 0)) or (3 if self.family != "joint" else int(cfg.out_channels))
         cond = int(getattr(cfg, "cond_channels", 0) or 0)
-        window = int(model.render_size or max(canvas)) // f
-        state = (canvas[0] // f, canvas[1] // f)
         est = estimate_bytes(cfg.network, state, batch, channels, cond, window, guided=guidance != 0)
         return est + 4 * batch * canvas[0] * canvas[1] * 3 * f * f if f > 1 else est  # + decoded images
 
@@ -439,14 +454,22 @@ class Synthesizer:
     def render(self, items: Sequence[Item], options: SynthesisOptions,
                progress: Callable[[int, int], None] | None = None) -> list[Sample]:
         """Render ``items`` in one call (one batch); ``options`` must be resolved.
-        ``progress(i, n)`` after each solver step; raise in it to cancel."""
+        ``progress(i, n)`` after each solver step; raise in it to cancel. A small render runs
+        on one CPU thread (:func:`nucsynth.threads.threads_for_work`), which its provenance
+        records."""
+        from nucsynth.threads import threads_for_work
+
         if not items:
             return []
         if options.guidance is None:
             raise ValueError("options are not resolved: call Synthesizer.resolve(options) first")
+        self.check_memory(items, options)
+        with threads_for_work(self.network_positions(items)):
+            return self._render(items, options, progress)
+
+    def _render(self, items: Sequence[Item], o: SynthesisOptions,
+                progress: Callable[[int, int], None] | None) -> list[Sample]:
         seeds = [it.seed for it in items]
-        o = options
-        self.check_memory(items, o)
         if self.family == "semantic":
             use_init = o.strength is not None or any(it.mask is not None for it in items)
             if use_init and any(it.init_image is None for it in items):

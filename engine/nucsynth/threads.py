@@ -10,6 +10,12 @@ Three facts drive it (measured on a shared 2-core machine, docs/benchmarks.md):
   engine imports torch; a value the user set is kept.
 - The default number of threads is the number of cores this process may actually use:
   its CPU affinity, capped by a cgroup CPU quota (containers), not ``os.cpu_count()``.
+- Small work does not pay for a second thread: splitting each operation of a network call
+  on a few hundred positions costs more in hand-offs than it saves, even on an idle machine
+  (a 64 px render of the shipped latent model, 16 x 16 latents, took 1.09 x as long on two
+  threads as on one; 96 px took 0.84 x). :func:`threads_for_work` runs such work on one
+  thread. The choice depends only on the work's size, so the same inputs still give the
+  same output.
 - Nested pools multiply: torch intra-op threads x inter-op threads x data-loader worker
   processes x OpenCV's own pool. The policy gives torch's intra-op pool the cores left
   after the worker processes, one inter-op thread, and OpenCV the same count as torch
@@ -21,9 +27,11 @@ Three facts drive it (measured on a shared 2-core machine, docs/benchmarks.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -32,8 +40,16 @@ __all__ = [
     "configure_environment",
     "default_threads",
     "set_threads",
+    "threads_for_work",
     "wait_policy",
+    "SMALL_WORK_POSITIONS",
 ]
+
+# Renders whose diffusion state has fewer positions than this (batch x height x width)
+# run on one thread: on an idle 2-core machine a guided render of one 16 x 16 latent
+# (64 px) was faster on one thread, one of 24 x 24 (96 px) took 0.84 x the time on two
+# (docs/benchmarks.md, "Thread policy under load").
+SMALL_WORK_POSITIONS = 512
 
 # Whether torch was already imported when the engine set the wait policy: if so libgomp
 # had read its environment before us and the policy is whatever was set then.
@@ -174,3 +190,26 @@ def set_threads(threads: int | None = None, workers: int = 0) -> int:
     else:
         cv2.setNumThreads(n)
     return n
+
+
+@contextlib.contextmanager
+def threads_for_work(positions: int) -> Iterator[int]:
+    """Within the block, torch runs on one thread when ``positions`` (batch x height x width
+    of the diffusion state, e.g. 1 x 16 x 16 latents for one 64 px render) is below
+    :data:`SMALL_WORK_POSITIONS`, else on the threads already set; yields the count in
+    effect. The previous count is restored on exit, also after an error.
+
+    The choice depends only on ``positions``, never on the machine's load, so a render stays
+    deterministic (outputs may differ between thread counts in the last float bits).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if positions >= SMALL_WORK_POSITIONS or before == 1:
+        yield before
+        return
+    torch.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        torch.set_num_threads(before)
