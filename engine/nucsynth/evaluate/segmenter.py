@@ -153,8 +153,9 @@ TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marke
 # pixel-frequency CE weights and patches with a rare nucleus drawn 3x as often (without
 # them the "other" class is never predicted). Colour jitter because the held-out tiles are
 # stained differently from the training ones. About 10-17 min on 2 cores.
-# cpu: the yardstick. As quick, with two residual blocks per level, 4000 steps (0.34-0.53 s
-# each on two cores over one day of a shared machine: 22-35 min), HED stain jitter, and
+# cpu: the yardstick and the shipped segmenter. As quick, with two residual blocks per
+# level, 4000 steps (0.38-0.53 s each on two cores of a shared machine: 25-37 min measured),
+# HED stain jitter, and
 # the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder the type branch's loss dominated
 # (HV terms 0.07 of 1.2), and merged nuclei were the main error (docs/metrics.md).
 QUICK: dict[str, Any] = {"widths": (16, 32, 64, 128), "blocks": 1, "decoder": "shared", "steps": 2000, "batch_size": 8,
