@@ -99,3 +99,58 @@ def test_fidelity_of_a_perfect_segmentation_is_one(monkeypatch):
     res = D.fidelity(xs, net=None)  # type: ignore[arg-type]
     assert [r["score"] for r in res["per_sample"]] == [1.0, 1.0]
     assert res["summary"]["pq"] == 1.0
+
+
+@pytest.mark.slow
+def test_an_interrupted_downstream_resumes_to_the_uninterrupted_result(stores, tmp_path, monkeypatch):
+    """Kill after the second of four runs, run the same command again: only the two missing
+    runs are trained, and downstream.json equals that of a run never interrupted."""
+    from nucsynth.outputs import partial_path
+
+    real, syn = stores
+    args = ("--synthetic", str(syn), "--fractions", "0.5", "--seeds", "2")
+    whole = _run_downstream(real, tmp_path / "whole", *args)
+    trained = []
+    real_train = D.train_segmenter
+
+    def killed_after_two(*a, **k):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append(k.get("seed"))
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(D, "train_segmenter", killed_after_two)
+    out = tmp_path / "resumed"
+    rc = main(["evaluate", "downstream", "--real", str(real), "--steps", "1", "--batch-size", "2", "--crop", "32",
+               "--out", str(out), "--device", "cpu", *args])
+    assert rc == 130 and not (out / "downstream.json").exists()
+    journal = partial_path(out / "downstream.json")
+    assert len(journal.read_text().splitlines()) == 1 + 2  # settings + two finished runs
+    trained.clear()
+    monkeypatch.setattr(D, "train_segmenter", lambda *a, **k: (trained.append(k.get("seed")), real_train(*a, **k))[1])
+    resumed = _run_downstream(real, out, *args)
+    assert trained == [1, 1]  # seed 0's two runs were kept from the journal
+    assert resumed["runs"] == whole["runs"] and resumed["paired"] == whole["paired"]
+    assert not journal.exists()
+
+
+def test_the_downstream_journal_refuses_other_settings_and_drops_a_cut_line(tmp_path):
+    from nucsynth.outputs import Journal
+
+    path = tmp_path / "out" / ".downstream.json.partial"
+    j = Journal(path, {"segmenter": {"steps": 4}, "fractions": (0.5,)})
+    assert j.load() == []
+    j.append({"seed": 0, "pq": 0.25, "f1_other": float("nan")})
+    j.append({"seed": 1, "pq": 0.5})
+    with open(path, "a") as f:
+        f.write('{"seed": 2, "pq"')  # a kill in the middle of a line
+    rows = Journal(path, {"segmenter": {"steps": 4}, "fractions": [0.5]}).load()
+    assert [r["seed"] for r in rows] == [0, 1] and np.isnan(rows[0]["f1_other"])
+    assert path.read_text().endswith('"pq": 0.5}\n')  # the cut line is gone, appending is safe again
+    with pytest.raises(ValueError, match=r"2 finished run\(s\) made with other settings \(differing: segmenter\)"):
+        Journal(path, {"segmenter": {"steps": 5}, "fractions": [0.5]}).load()
+    path.write_text("not json\n")
+    with pytest.raises(ValueError, match="not a journal"):
+        Journal(path, {}).load()
+    j.remove()
+    assert not path.exists()

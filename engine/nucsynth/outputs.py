@@ -46,6 +46,8 @@ __all__ = [
     "check_output",
     "check_not_input",
     "staged",
+    "partial_path",
+    "Journal",
     "write_text",
     "write_json",
     "leftovers",
@@ -317,6 +319,82 @@ def tidy(path: str | Path, remove: bool = True, report: Report | None = _stderr)
 
 
 # ---------------------------------------------------------------------- checks and staging
+def partial_path(out: str | Path) -> Path:
+    """Where a resumable job builds ``out`` until it is complete: the hidden sibling
+    ``.NAME.partial``. Unlike the temporary names above it is kept when the job is killed
+    (:func:`tidy` leaves it alone), so that running the same job again resumes from it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+class Journal:
+    """The finished units of a long, resumable job (e.g. the runs of the downstream protocol),
+    one JSON line each after a first line of the job's settings.
+
+    :meth:`append` writes a line and forces it to disk, so a job killed at any moment loses
+    at most the unit it was working on; :meth:`load` reads what an earlier run of the same
+    job finished, and refuses a journal of other settings rather than mixing results.
+    """
+
+    def __init__(self, path: str | Path, settings: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
+
+    def load(self) -> list[dict[str, Any]]:
+        """The units journaled by an earlier run with the same settings ([] when there is no
+        journal). A last line cut short by a kill is dropped from the file.
+
+        Raises ValueError when the journal was written with other settings (it names them)
+        or its first line is not a settings record.
+        """
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        try:
+            have = json.loads(lines[0])["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{self.path} is not a journal of this job (its first line is not a settings "
+                             "record): delete it to start over") from None
+        diff = [k for k in sorted(set(have) | set(self.settings)) if have.get(k) != self.settings.get(k)]
+        rows, good = [], len(lines[0]) + 1
+        for line in lines[1:]:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # the end, or a line a kill cut short: only the last can be
+            good += len(line) + 1
+        if diff:
+            raise ValueError(f"{self.path} holds {len(rows)} finished run(s) made with other settings (differing: "
+                             f"{', '.join(diff)}): run with the same settings to resume them, or delete it to start over")
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return rows
+
+    def append(self, unit: Mapping[str, Any]) -> None:
+        """Add one finished unit (JSON-serializable, NaN allowed), on disk when this returns."""
+        new = not self.path.exists()
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                if new:
+                    f.write(json.dumps({"settings": self.settings}) + "\n")
+                f.write(json.dumps(dict(unit)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if new:  # a journal without its settings line would refuse every resume
+                self.path.unlink(missing_ok=True)
+            raise OutputError(describe_os_error(e, self.path), e.errno) from e
+
+    def remove(self) -> None:
+        """Delete the journal (the job's final output is in place)."""
+        self.path.unlink(missing_ok=True)
+
+
 def _writable_ancestor(path: Path) -> Path:
     """The nearest existing folder above ``path`` (where the output would be created)."""
     p = path.parent

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 import numpy as np
 
 from nucsynth.layout import ClassSet, Layout, Sample
+from nucsynth.outputs import partial_path
 
 __all__ = [
     "FAMILIES",
@@ -680,12 +681,6 @@ class JobResult:
 
 class JobCancelled(Exception):
     """Raised from a progress callback to stop a job between solver steps."""
-
-
-def partial_path(out: str | Path) -> Path:
-    """Where a job builds ``out`` until it is complete: the hidden sibling ``.NAME.partial``."""
-    out = Path(out)
-    return out.parent / f".{out.name}.partial"
 
 
 def _settings_diff(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
 """The engine's CPU thread policy, in one place.
 
-Three facts drive it (measured on a shared 2-core machine, docs/benchmarks.md):
+Four facts drive it (measured on a shared 2-core machine, docs/benchmarks.md):
 
 - OpenMP threads that busy-wait between parallel regions steal the cores that the other
   threads (and other processes) need: torch's default pool ran 5-10x slower than one

@@ -10,7 +10,9 @@ and the choice of patches to label.
 ``downstream`` trains the segmenter on each fraction of the real store's training split
 (with and without the synthetic store), evaluates on the held-out split, and writes
 ``downstream.json`` (every run, summary, paired differences) and ``downstream.md`` (mean ±
-std over seeds, paired difference with its confidence interval). A synthetic store whose
+std over seeds, paired difference with its confidence interval). Each finished run is
+journaled in ``DIR/.downstream.json.partial``: run the same command again after an
+interruption and it resumes after the last finished run. A synthetic store whose
 layouts or generating model saw the held-out tiles is refused unless ``--allow-leakage``.
 ``fidelity`` segments the store's images (with the shipped segmenter by default), compares
 with their layouts, scores relative to the same segmenter on real images, and writes
@@ -125,8 +127,14 @@ def _downstream(args: argparse.Namespace) -> int:
     subsets = _read_subsets(args.subsets, args, len(train)) if args.subsets is not None else None
     config = segmenter_preset(args.preset, cs.num_classes, steps=args.steps, batch_size=args.batch_size, crop=args.crop)
     device = pick_device(args.device)
+    journal = _downstream_journal(args, config, str(device), subsets, len(train), len(test),
+                                  None if synthetic is None else len(synthetic))
+    completed = journal.load()
+    if completed:
+        print(f"resuming: {len(completed)} run(s) finished earlier, kept from {journal.path}", file=sys.stderr)
     result = downstream(train, test, config, synthetic, fractions, list(range(args.seeds)), device=str(device),
-                        log=lambda m: print(m, file=sys.stderr, flush=True), subsets=subsets)
+                        log=lambda m: print(m, file=sys.stderr, flush=True), subsets=subsets,
+                        completed=completed, on_run=journal.append)
     result = {
         "real": str(args.real), "synthetic": None if args.synthetic is None else str(args.synthetic),
         "train_split": args.train_split, "test_split": args.test_split, "test_patches": len(test),
@@ -138,8 +146,29 @@ def _downstream(args: argparse.Namespace) -> int:
     write_json(args.out / "downstream.json", result, overwrite=args.overwrite)
     md = downstream_markdown(result)
     outputs.write_text(args.out / "downstream.md", md, overwrite=args.overwrite)
+    journal.remove()
     print(md)
     return 0
+
+
+def _downstream_journal(args: argparse.Namespace, config: Any, device: str, subsets: Any, n_train: int, n_test: int,
+                        n_synthetic: int | None) -> Any:
+    """The journal of finished runs that lets an interrupted ``downstream`` resume: every
+    setting a run's result depends on. Fractions and seeds are not among them: each run is
+    keyed by its own, so a resumed call may also ask for more seeds or fractions."""
+    import torch
+
+    from nucsynth import outputs
+
+    settings = {
+        "real": str(args.real.resolve()), "train_split": args.train_split, "test_split": args.test_split,
+        "train_patches": n_train, "test_patches": n_test,
+        "synthetic": None if args.synthetic is None else str(args.synthetic.resolve()),
+        "synthetic_split": args.synthetic_split, "synthetic_patches": n_synthetic,
+        "subsets": None if subsets is None else {str(k): [int(i) for i in v] for k, v in subsets.items()},
+        "segmenter": config.to_dict(), "device": device, "threads": torch.get_num_threads(),
+    }
+    return outputs.Journal(outputs.partial_path(args.out / "downstream.json"), settings)
 
 
 def _leakage(args: argparse.Namespace, synthetic: Any, test: Any) -> list[str]:

@@ -99,6 +99,8 @@ def downstream(
     log: Callable[[str], None] | None = None,
     subsets: dict[float, Sequence[int]] | None = None,
     confidence: float = 0.95,
+    completed: Sequence[dict[str, Any]] = (),
+    on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; returns ``{"runs": [...], "summary": [...], "paired": [...]}``.
 
@@ -108,6 +110,12 @@ def downstream(
     the k-means subsets of :mod:`nucsynth.evaluate.subsets`, then shared by all seeds); a
     subset is shared by both settings, and the segmenter's seed is the run's seed.
     ``summary``: :func:`summarize`; ``paired``: :func:`paired_differences`.
+
+    Resuming: ``completed`` holds rows of an earlier, interrupted call with the same data
+    and settings; a (fraction, seed, setting) found there is taken as is instead of trained
+    again (each run depends only on its own subset and seed, so the result equals an
+    uninterrupted call's). ``on_run(row)`` is called after each newly trained run, e.g. to
+    journal it.
     """
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"the protocol needs training and test patches, got {len(train)} and {len(test)}")
@@ -126,11 +134,17 @@ def downstream(
         for f, idx in subsets.items():
             if idx.size == 0 or idx.min() < 0 or idx.max() >= len(train):
                 raise ValueError(f"subset of fraction {f} holds indices outside 0..{len(train) - 1} (the training split)")
+    done = {(float(r["fraction"]), int(r["seed"]), str(r["setting"])): dict(r) for r in completed}
     for fraction in fractions:
         for seed in seeds:
             chosen = subsets[float(fraction)] if subsets is not None else subset_indices(len(train), fraction, seed)
             real = _View(train, chosen)
             for setting in settings:
+                if (float(fraction), int(seed), setting) in done:
+                    runs.append(done[(float(fraction), int(seed), setting)])
+                    if log is not None:
+                        log(f"fraction {fraction} seed {seed} {setting}: done in an earlier run, kept")
+                    continue
                 data = real if setting == "real" else ConcatSamples(real, synthetic)  # type: ignore[arg-type]
                 net, _ = train_segmenter(data, config, seed=seed, device=device)
                 preds = predict_layouts(net, [s.image for s in test_samples], class_set, device=device)
@@ -139,6 +153,8 @@ def downstream(
                 row.update(table_metrics(res))
                 row["empty_patches"] = res["n_empty"]
                 runs.append(row)
+                if on_run is not None:
+                    on_run(row)
                 if log is not None:
                     log(f"fraction {fraction} seed {seed} {setting}: PQ {row['pq']:.4f} Dice {row['dice']:.4f}")
     return {"runs": runs, "summary": summarize(runs), "paired": paired_differences(runs, confidence),
