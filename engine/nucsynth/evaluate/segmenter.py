@@ -147,8 +147,8 @@ def _watershed_options() -> set[str]:
 # defaults, which were tuned for HoVer-Net's smooth, well-trained maps and drop most
 # nuclei of a small network's maps (measured on training tiles, docs/metrics.md).
 TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marker_threshold": 0.5, "open_ksize": 3, "marker_min_size": 5}
-# quick: the former cpu preset (the shipped segmenter and the downstream tables of
-# docs/metrics.md were made with it): one shared decoder (half the cost of three per step,
+# quick: the former cpu preset (the downstream tables of docs/metrics.md were made with it,
+# and it was the shipped segmenter until the cpu one): one shared decoder (half the cost of three per step,
 # measured), batches of 8 crops, and the type branch balanced twice: sqrt-inverse
 # pixel-frequency CE weights and patches with a rare nucleus drawn 3x as often (without
 # them the "other" class is never predicted). Colour jitter because the held-out tiles are
