@@ -63,6 +63,7 @@ def test_downstream_end_to_end_and_deterministic(stores, tmp_path):
     md = (tmp_path / "a" / "downstream.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 2 and "±" in md and "Paired" not in md  # header, rule, 2 rows; nothing to pair
+    assert set(runs[0]["postprocess"]) >= {"threshold", "sobel_ksize"} and "tuned on its real training subset" in md
     second = _run_downstream(real, tmp_path / "b", "--synthetic", str(syn), "--fractions", "0.5", "--seeds", "1")
     both = {r["setting"]: r for r in second["runs"]}
     assert both["real+synthetic"]["train_patches"] == 4 and "real+synthetic" in (tmp_path / "b" / "downstream.md").read_text()
@@ -76,6 +77,7 @@ def test_downstream_refuses_bad_arguments(stores, tmp_path):
     assert main(base + ["--fractions", "a"]) == 2
     assert main(base + ["--test-split", "nope"]) == 2
     assert main(base + ["--seeds", "0"]) == 2
+    assert main(base + ["--tune-every", "-1"]) == 2
 
 
 def test_fidelity_scores_each_sample(stores, tmp_path):
@@ -154,3 +156,13 @@ def test_the_downstream_journal_refuses_other_settings_and_drops_a_cut_line(tmp_
         Journal(path, {}).load()
     j.remove()
     assert not path.exists()
+
+
+@pytest.mark.slow
+def test_downstream_without_tuning_keeps_the_preset_post_processing(stores, tmp_path):
+    from nucsynth.evaluate.segmenter import segmenter_preset
+
+    real, _ = stores
+    res = _run_downstream(real, tmp_path / "untuned", "--fractions", "1.0", "--seeds", "1", "--tune-every", "0")
+    assert res["runs"][0]["postprocess"] == segmenter_preset("cpu", 4).postprocess
+    assert "tuned" not in (tmp_path / "untuned" / "downstream.md").read_text()

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "of the training split; default: a random subset per fraction and seed)")
     d.add_argument("--allow-leakage", action="store_true", help="use a synthetic set even if its layouts or generating "
                    "model saw the test split's tiles, or do not record what they saw (refused by default)")
+    d.add_argument("--tune-every", type=int, default=8,
+                   help="tune each run's watershed options on every N-th patch of its real training subset, as "
+                        "'segmenter tune' does (default 8; 0 = the preset's options)")
     d.add_argument("--steps", type=int, help="training steps per run (preset default)")
     d.add_argument("--batch-size", type=int, help="batch size (preset default)")
     d.add_argument("--crop", type=int, help="training crop in px (preset default)")
@@ -109,6 +112,8 @@ def _downstream(args: argparse.Namespace) -> int:
     _check_outputs(args, [args.out / "downstream.json", args.out / "downstream.md"], {"--real": args.real, "--synthetic": args.synthetic})
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.tune_every < 0:
+        raise ValueError(f"--tune-every must be >= 0 (0 = the preset's post-processing), got {args.tune_every}")
     train = load_split(args.real, args.train_split)
     test = load_split(args.real, args.test_split)
     synthetic = load_split(args.synthetic, args.synthetic_split) if args.synthetic is not None else None
@@ -134,7 +139,7 @@ def _downstream(args: argparse.Namespace) -> int:
         print(f"resuming: {len(completed)} run(s) finished earlier, kept from {journal.path}", file=sys.stderr)
     result = downstream(train, test, config, synthetic, fractions, list(range(args.seeds)), device=str(device),
                         log=lambda m: print(m, file=sys.stderr, flush=True), subsets=subsets,
-                        completed=completed, on_run=journal.append)
+                        completed=completed, on_run=journal.append, tune_every=args.tune_every)
     result = {
         "real": str(args.real), "synthetic": None if args.synthetic is None else str(args.synthetic),
         "train_split": args.train_split, "test_split": args.test_split, "test_patches": len(test),
@@ -166,7 +171,8 @@ def _downstream_journal(args: argparse.Namespace, config: Any, device: str, subs
         "synthetic": None if args.synthetic is None else str(args.synthetic.resolve()),
         "synthetic_split": args.synthetic_split, "synthetic_patches": n_synthetic,
         "subsets": None if subsets is None else {str(k): [int(i) for i in v] for k, v in subsets.items()},
-        "segmenter": config.to_dict(), "device": device, "threads": torch.get_num_threads(),
+        "segmenter": config.to_dict(), "tune_every": args.tune_every, "device": device,
+        "threads": torch.get_num_threads(),
     }
     return outputs.Journal(outputs.partial_path(args.out / "downstream.json"), settings)
 

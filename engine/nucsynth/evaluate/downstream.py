@@ -20,7 +20,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from nucsynth.evaluate.segmenter import HoVerSegmenter, SegmenterConfig, predict_layouts, train_segmenter
+from nucsynth.evaluate.segmenter import (
+    HoVerSegmenter,
+    SegmenterConfig,
+    predict_layouts,
+    train_segmenter,
+    tune_postprocess,
+)
 from nucsynth.layout import Sample
 from nucsynth.metrics import detection_classification, evaluate_set, instance_metrics
 
@@ -101,6 +107,7 @@ def downstream(
     confidence: float = 0.95,
     completed: Sequence[dict[str, Any]] = (),
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    tune_every: int = 8,
 ) -> dict[str, Any]:
     """Run the protocol; returns ``{"runs": [...], "summary": [...], "paired": [...]}``.
 
@@ -109,6 +116,12 @@ def downstream(
     (:func:`subset_indices`) unless ``subsets`` gives the indices of each fraction (e.g.
     the k-means subsets of :mod:`nucsynth.evaluate.subsets`, then shared by all seeds); a
     subset is shared by both settings, and the segmenter's seed is the run's seed.
+
+    Post-processing: with ``tune_every`` > 0 each trained segmenter's watershed options are
+    tuned (:func:`~nucsynth.evaluate.segmenter.tune_postprocess`) on every ``tune_every``-th
+    patch of the run's REAL subset (at least 8 patches when the subset has them; the same
+    patches for both settings, never the test split), as the yardstick is used elsewhere;
+    the row records them under "postprocess". 0 keeps the preset's options.
     ``summary``: :func:`summarize`; ``paired``: :func:`paired_differences`.
 
     Resuming: ``completed`` holds rows of an earlier, interrupted call with the same data
@@ -121,6 +134,8 @@ def downstream(
         raise ValueError(f"the protocol needs training and test patches, got {len(train)} and {len(test)}")
     if not seeds:
         raise ValueError("give at least one seed")
+    if tune_every < 0:
+        raise ValueError(f"tune_every must be >= 0 (0 = no tuning), got {tune_every}")
     class_set = train[0].layout.class_set
     test_samples = list(test)
     truths = [s.layout for s in test_samples]
@@ -147,8 +162,13 @@ def downstream(
                     continue
                 data = real if setting == "real" else ConcatSamples(real, synthetic)  # type: ignore[arg-type]
                 net, _ = train_segmenter(data, config, seed=seed, device=device)
-                preds = predict_layouts(net, [s.image for s in test_samples], class_set, device=device)
-                row = {"fraction": float(fraction), "seed": int(seed), "setting": setting, "train_patches": len(data)}
+                post = dict(net.config.postprocess)
+                if tune_every:
+                    step = max(1, min(tune_every, len(real) // 8))
+                    post, _ = tune_postprocess(net, [real[i] for i in range(0, len(real), step)], device=device)
+                preds = predict_layouts(net, [s.image for s in test_samples], class_set, device=device, **post)
+                row = {"fraction": float(fraction), "seed": int(seed), "setting": setting, "train_patches": len(data),
+                       "postprocess": post}
                 res = evaluate_set(truths, preds)
                 row.update(table_metrics(res))
                 row["empty_patches"] = res["n_empty"]
@@ -158,10 +178,10 @@ def downstream(
                 if log is not None:
                     log(f"fraction {fraction} seed {seed} {setting}: PQ {row['pq']:.4f} Dice {row['dice']:.4f}")
     return {"runs": runs, "summary": summarize(runs), "paired": paired_differences(runs, confidence),
-            "subsets": "given" if subsets is not None else "random"}
+            "subsets": "given" if subsets is not None else "random", "tune_every": tune_every}
 
 
-_NOT_METRICS = ("fraction", "seed", "setting", "train_patches", "empty_patches")
+_NOT_METRICS = ("fraction", "seed", "setting", "train_patches", "empty_patches", "postprocess")
 
 
 def _metric_keys(runs: list[dict[str, Any]]) -> list[str]:
@@ -258,6 +278,9 @@ def downstream_markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Mean ± sample standard deviation over seeds; per-patch means, a patch with no nucleus in truth "
                  "and prediction scoring 0 (HoVer-Net's convention).")
+    if result.get("tune_every"):
+        lines.append(f"Each run's watershed options were tuned on its real training subset (every "
+                     f"{result['tune_every']}-th patch, at least 8; the same patches for both settings).")
     paired = result.get("paired") or []
     if paired:
         conf = paired[0]["confidence"]
