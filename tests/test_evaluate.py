@@ -142,13 +142,17 @@ def test_the_downstream_journal_refuses_other_settings_and_drops_a_cut_line(tmp_
     path = tmp_path / "out" / ".downstream.json.partial"
     j = Journal(path, {"segmenter": {"steps": 4}, "fractions": (0.5,)})
     assert j.load() == []
-    j.append({"seed": 0, "pq": 0.25, "f1_other": float("nan")})
+    j.append({"seed": np.int64(0), "pq": 0.25, "f1_other": float("nan")})
     j.append({"seed": 1, "pq": 0.5})
     with open(path, "a") as f:
         f.write('{"seed": 2, "pq"')  # a kill in the middle of a line
     rows = Journal(path, {"segmenter": {"steps": 4}, "fractions": [0.5]}).load()
     assert [r["seed"] for r in rows] == [0, 1] and np.isnan(rows[0]["f1_other"])
     assert path.read_text().endswith('"pq": 0.5}\n')  # the cut line is gone, appending is safe again
+    with open(path, "a") as f:
+        f.write('{"seed": 2, "pq": 0.75}')  # complete, but its newline never written: not trusted
+    assert [r["seed"] for r in Journal(path, {"segmenter": {"steps": 4}, "fractions": [0.5]}).load()] == [0, 1]
+    assert path.read_text().endswith('"pq": 0.5}\n')
     with pytest.raises(ValueError, match=r"2 finished run\(s\) made with other settings \(differing: segmenter\)"):
         Journal(path, {"segmenter": {"steps": 5}, "fractions": [0.5]}).load()
     path.write_text("not json\n")

@@ -327,6 +327,13 @@ def partial_path(out: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def _json_scalar(x: Any) -> Any:
+    """numpy scalars (np.int64, np.bool_, ...) as the Python values json can write."""
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
 class Journal:
     """The finished units of a long, resumable job (e.g. the runs of the downstream protocol),
     one JSON line each after a first line of the job's settings.
@@ -359,18 +366,21 @@ class Journal:
                              "record): delete it to start over") from None
         diff = [k for k in sorted(set(have) | set(self.settings)) if have.get(k) != self.settings.get(k)]
         rows, good = [], len(lines[0]) + 1
-        for line in lines[1:]:
+        for line in lines[1:-1]:  # the piece after the last newline is empty or was cut short
             try:
                 rows.append(json.loads(line))
             except ValueError:
-                break  # the end, or a line a kill cut short: only the last can be
+                break
             good += len(line) + 1
         if diff:
             raise ValueError(f"{self.path} holds {len(rows)} finished run(s) made with other settings (differing: "
                              f"{', '.join(diff)}): run with the same settings to resume them, or delete it to start over")
-        if good < len(data):
+        if good != len(data):  # drop what a kill cut short, so that the next line starts clean
             with open(self.path, "r+b") as f:
-                f.truncate(good)
+                f.truncate(min(good, len(data)))
+                if good > len(data):  # the settings line lost its newline
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
         return rows
 
     def append(self, unit: Mapping[str, Any]) -> None:
@@ -382,7 +392,7 @@ class Journal:
             with open(self.path, "a", encoding="utf-8") as f:
                 if new:
                     f.write(json.dumps({"settings": self.settings}) + "\n")
-                f.write(json.dumps(dict(unit)) + "\n")
+                f.write(json.dumps(dict(unit), default=_json_scalar) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
