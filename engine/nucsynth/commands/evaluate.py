@@ -2,7 +2,7 @@
 and the choice of patches to label.
 
     nucsynth evaluate downstream --real STORE [--synthetic STORE] --fractions 0.1,1.0 --seeds 3 --out DIR
-                                 [--subsets subsets.json] [--allow-leakage]
+                                 [--tune-every 8] [--subsets subsets.json] [--allow-leakage]
     nucsynth evaluate fidelity STORE [--model SEGMENTER_DIR] [--real STORE] [--out DIR] [--min-score 0.5]
     nucsynth evaluate quality REAL SYNTH [--metrics fid,is,fsd] [--inception-weights PATH] [--out REPORT.json]
     nucsynth evaluate subsets --data STORE --fractions 0.1,0.2,0.5 --out subsets.json
