@@ -148,16 +148,16 @@ def _watershed_options() -> set[str]:
 # nuclei of a small network's maps (measured on training tiles, docs/metrics.md).
 TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marker_threshold": 0.5, "open_ksize": 3, "marker_min_size": 5}
 # quick: the former cpu preset (the downstream tables of docs/metrics.md were made with it,
-# and it was the shipped segmenter until the cpu one): one shared decoder (half the cost of three per step,
-# measured), batches of 8 crops, and the type branch balanced twice: sqrt-inverse
-# pixel-frequency CE weights and patches with a rare nucleus drawn 3x as often (without
-# them the "other" class is never predicted). Colour jitter because the held-out tiles are
-# stained differently from the training ones. About 10-17 min on 2 cores.
+# and it was the shipped segmenter until the cpu one): one shared decoder (half the cost of
+# three per step, measured), batches of 8 crops, and the type branch balanced twice:
+# sqrt-inverse pixel-frequency CE weights and patches with a rare nucleus drawn 3x as often
+# (without them the "other" class is never predicted). Colour jitter because the held-out
+# tiles are stained differently from the training ones. About 10-17 min on 2 cores.
 # cpu: the yardstick and the shipped segmenter. As quick, with two residual blocks per
 # level, 4000 steps (0.38-0.53 s each on two cores of a shared machine: 25-37 min measured),
-# HED stain jitter, and
-# the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder the type branch's loss dominated
-# (HV terms 0.07 of 1.2), and merged nuclei were the main error (docs/metrics.md).
+# HED stain jitter, and the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder
+# the type branch's loss dominated (HV terms 0.07 of 1.2), and merged nuclei were the main
+# error (docs/metrics.md).
 QUICK: dict[str, Any] = {"widths": (16, 32, 64, 128), "blocks": 1, "decoder": "shared", "steps": 2000, "batch_size": 8,
                          "lr": 2e-3, "crop": 96, "postprocess": TINY_POSTPROCESS, "class_weighting": "sqrt",
                          "rare_boost": 3.0, "color_jitter": 0.1}
