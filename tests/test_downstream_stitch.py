@@ -41,6 +41,15 @@ def test_recorded_offsets_rebuild_the_tile_exactly(tile):
     assert _same_nuclei(tile.layout, whole.layout)
 
 
+def test_abutting_patches_rejoin_the_nuclei_they_cut(tile):
+    patches = _grid(tile, 80, 80)  # 2 x 2 windows sharing no pixel: prepare's default
+    whole = T.assemble_tile(patches, T.tile_geometry(patches))
+    assert _same_nuclei(tile.layout, whole.layout)  # joined by the recorded source ids
+    cut = [Sample(p.layout, p.image, {k: v for k, v in p.provenance.items() if k != "source_ids"}) for p in patches]
+    older = T.assemble_tile(cut, T.tile_geometry(cut))  # a store written before the record
+    assert older.layout.num_nuclei > tile.layout.num_nuclei
+
+
 def test_grid_found_from_pixels_when_origins_are_not_recorded(tile):
     patches = [Sample(p.layout, p.image, {"tile": "t_1"}) for p in _grid(tile, 64, 48)]
     assert T.recorded_offsets(patches) is None
@@ -87,6 +96,29 @@ def test_evaluate_tiles_stitched_and_pooled(tile):
     found = n_true[0] + n_true[2]
     assert half["per_tile"][0]["pq"] == pytest.approx(found / (found + (n_true[1] + n_true[3]) / 2))
     assert res0["mean"]["pq"] == pytest.approx(0.5)
+
+
+def test_padded_tiles_are_scored_on_their_source_pixels(tile):
+    """A 150 px image cut into 64 px patches with mirrored padding: the stitched tile is
+    segmented whole, but only its 150 x 150 source pixels are scored (patch figures too)."""
+    from nucsynth.data.tiling import source_pairs
+
+    src = Sample(tile.layout.crop(0, 0, 150, 150), tile.image[:150, :150], dict(tile.provenance))
+    patches = [p for _, _, p in tile_sample(src, 64, pad="reflect")]
+    whole = T.tile_samples(patches)[0]
+    assert whole.layout.shape == (192, 192) and whole.provenance["source_shape"] == [150, 150]
+    # A segmenter that finds every nucleus of the source and a fake one in the padding.
+    def segment(images):
+        out = []
+        for im in images:
+            m = np.pad(src.layout.inst_map, ((0, im.shape[0] - 150), (0, im.shape[1] - 150)))
+            m[170:180, 170:180] = m.max() + 1
+            out.append(src.layout.__class__.from_inst_map(m, np.r_[src.layout.classes, 1], src.layout.class_set))
+        return out
+    res = T.evaluate_tiles(patches, segment)
+    assert res["mode"] == "stitched" and res["mean"]["pq"] == 1.0 and res["per_tile"][0]["n_pred"] == src.layout.num_nuclei
+    truths, _ = source_pairs(patches, [p.layout for p in patches])
+    assert sum(t.num_nuclei for t in truths) < sum(p.layout.num_nuclei for p in patches)  # twins not counted
 
 
 @pytest.mark.realdata

@@ -136,3 +136,20 @@ def test_edit_pool_of_another_class_set_needs_a_mapping(source_store, tmp_path, 
     with pytest.raises(SystemExit):
         main(["edit", str(source_store), str(out), "--mode", "balance", "--pool"])
     assert main(["edit", str(source_store), str(tmp_path / "x.zarr"), "--mode", "balance", "--class-map", "a=b"]) == 2
+
+
+@pytest.mark.parametrize("mode", ["enlarge", "gradmix"])
+def test_edited_patches_keep_their_padding_record_but_not_the_source_ids(tmp_path, mode):
+    """An edited layout's nuclei are no longer the source's (stitching must not join them by
+    ``source_ids``); its image is the real padded one (``source_shape`` still applies)."""
+    from nucsynth.data.tiling import tile_sample
+
+    big = procedural_sample((160, 160), seed=3, density=70, class_shares=[1, 2, 2, 2])
+    src = tmp_path / "tiled.zarr"
+    store = DatasetStore.create(src, CONSEP_CLASSES)
+    store.append([p for _, _, p in tile_sample(big, 128, pad="reflect")])
+    store.close()
+    out = tmp_path / "out.zarr"
+    assert main(["edit", str(src), str(out), "--mode", mode, "--split", "all", "--border", "10", "--seed", "1"]) == 0
+    for s in DatasetStore.open(out):
+        assert "source_ids" not in s.provenance and s.provenance["source_shape"] == [160, 160]

@@ -258,3 +258,22 @@ def test_a_small_render_runs_on_one_thread_whatever_the_setting(ckpts):
         images[n] = sample.image
         assert synth.render(large, options)[0].provenance["torch_threads"] == n
     np.testing.assert_array_equal(images[1], images[2])
+
+
+def test_rendered_samples_drop_the_record_of_source_padding(ckpts, tmp_path):
+    """A rendered image has no padding and its own nuclei: the source patch's
+    ``source_shape`` and ``source_ids`` (nucsynth.data.tiling) must not reach it, or an
+    evaluation would cut or stitch it as if it were the real patch; where it came from stays."""
+    from nucsynth.data.tiling import tile_sample
+
+    rng = np.random.default_rng(1)
+    big = Sample(random_layout((40, 40), CONSEP_CLASSES, density=300, seed=0),
+                 rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), {"source": "/x/s_1.png"})
+    store = DatasetStore.create(tmp_path / "padded.zarr", CONSEP_CLASSES)
+    store.append([p for _, _, p in tile_sample(big, SIZE, pad="reflect")])
+    store.close()
+    assert "source_ids" in DatasetStore.open(tmp_path / "padded.zarr")[3].provenance
+    assert main(_cli(ckpts["semantic"], tmp_path / "out.zarr", "--layouts", str(tmp_path / "padded.zarr"))) == 0
+    for s in DatasetStore.open(tmp_path / "out.zarr"):
+        assert "source_shape" not in s.provenance and "source_ids" not in s.provenance
+        assert s.provenance["source_tile"] == "s_1"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nucsynth.data.tiling import change_magnification, rescale_sample, tile_sample, tile_starts
+from nucsynth.data.tiling import change_magnification, crop_to_source, rescale_sample, tile_sample, tile_starts
 from nucsynth.layout import CONSEP_CLASSES, Layout, Sample
 
 from conftest import disk_layout_arrays
@@ -51,7 +51,7 @@ def test_tiles_cover_the_image_and_reassemble(pad):
         # Ids contiguous in each patch, classes follow their nuclei.
         ids = np.unique(p.layout.inst_map)
         assert np.array_equal(ids[ids > 0], np.arange(1, p.layout.num_nuclei + 1))
-        padded_types = np.pad(s.layout.type_map(), ((0, 32), (0, 32)))
+        padded_types = np.pad(s.layout.type_map(), ((0, 32), (0, 32)), mode="reflect" if pad == "reflect" else "constant")
         assert np.array_equal(p.layout.type_map(), padded_types[y0 : y0 + 32, x0 : x0 + 32])
         img[y0 : y0 + 32, x0 : x0 + 32] = p.image
         m = p.layout.inst_map
@@ -66,8 +66,68 @@ def test_tiles_cover_the_image_and_reassemble(pad):
         grid = (np.arange(h)[:, None] // 32) * 100 + np.arange(w)[None, :] // 32
         pieces = np.where(s.layout.inst_map > 0, s.layout.inst_map * 10000 + grid, 0)
         assert _same_partition(inst[:h, :w], pieces)
-        # Padded label area is background (no mirrored fake nuclei).
+    if pad == "constant":  # padded with glass: no nuclei there
         assert (inst[h:, :] == 0).all() and (inst[:, w:] == 0).all()
+    if pad == "reflect":  # labels mirrored with the image: the pad holds the mirrored nuclei
+        mirrored = np.pad(s.layout.inst_map, ((0, 32), (0, 32)), mode="reflect")[: img.shape[0], : img.shape[1]]
+        covered = seen.copy()
+        assert np.array_equal(inst[covered] > 0, mirrored[covered] > 0)
+
+
+def test_reflect_padding_labels_agree_with_the_image():
+    s = _sample()  # nuclei pixels dark (< 90), background bright (>= 150)
+    for _, _, p in tile_sample(s, 32, pad="reflect"):
+        labelled = p.layout.inst_map > 0
+        assert (p.image[labelled] < 90).all() and (p.image[~labelled] >= 150).all()
+    # A nucleus touching the border continues into its mirror as one nucleus; one two
+    # pixels away gets a mirrored twin of its own id and its class.
+    inst = np.zeros((40, 40), np.int32)
+    inst[10:14, 37:40] = 1
+    inst[20:24, 35:38] = 2
+    lay = Layout.from_inst_map(inst, [1, 4], CONSEP_CLASSES)
+    img = np.full((40, 40, 3), 200, np.uint8)
+    (_, _, first), (_, x0, last) = tile_sample(Sample(lay, img, {}), (40, 32), pad="reflect")
+    assert x0 == 32 and last.provenance["source_shape"] == [40, 40]
+    m = last.layout.inst_map
+    touching, near = m[11, 5], m[21, 4]
+    assert touching > 0 and near > 0 and touching != near
+    assert set(np.unique(m[10:14, 5:10])) == {touching}  # 3 px + 2 mirrored px, one nucleus
+    twin = m[21, 9]
+    assert twin > 0 and twin not in (touching, near) and m[21, 7] == 0
+    assert last.layout.classes[twin - 1] == 4 and last.layout.classes[near - 1] == 4
+    assert last.layout.num_nuclei == 3
+
+
+def test_crop_to_source_scores_only_source_pixels():
+    from nucsynth.data.tiling import source_extent, source_pairs
+    from nucsynth.metrics import evaluate_set
+
+    s = _sample()
+    tiles = [p for _, _, p in tile_sample(s, 32, pad="reflect")]
+    last = tiles[-1]  # rows 64..95, columns 64..95 of a 70 x 90 image
+    assert source_extent(last.provenance, (32, 32)) == (6, 26)
+    assert source_extent(tiles[0].provenance, (32, 32)) is None
+    assert crop_to_source(last.layout, last.provenance).shape == (6, 26)
+    # A prediction right on the source pixels and wrong in the padding scores as perfect.
+    preds = []
+    for p in tiles:
+        m = p.layout.inst_map.copy()
+        ext = source_extent(p.provenance, (32, 32))
+        if ext is not None:
+            m[ext[0]:, :] = 0
+            m[:, ext[1]:] = 0
+            m[ext[0] + 1 :, ext[1] + 1 :] = m.max() + 1  # a fake nucleus in the padding
+        preds.append(Layout.from_inst_map(m, np.r_[p.layout.classes, 1][: m.max()], CONSEP_CLASSES))
+    truths, cut = source_pairs(tiles, preds)
+    res = evaluate_set(truths, cut)
+    assert res["aggregate"]["pq"] == pytest.approx(1.0) and res["detection"]["f_d"] == pytest.approx(1.0)
+    assert evaluate_set([p.layout for p in tiles], preds)["aggregate"]["pq"] < 1.0  # uncropped, it would not
+    # No record (older stores, rendered images): nothing is cut; a patch off its source is refused.
+    assert crop_to_source(last.layout, {}) is last.layout
+    with pytest.raises(ValueError, match="outside its"):
+        source_extent({"source_shape": [70, 90], "y0": 70, "x0": 0}, (32, 32))
+    with pytest.raises(ValueError, match="2 samples but 1 predictions"):
+        source_pairs(tiles[:2], preds[:1])
 
 
 def test_reflect_and_constant_padding_values():
@@ -76,10 +136,10 @@ def test_reflect_and_constant_padding_values():
     y0, x0, p = last
     h, w = s.layout.shape
     assert (p.image[h - y0 :, :] == 200).all() and (p.image[:, w - x0 :] == 200).all()
+    assert (p.layout.inst_map[h - y0 :, :] == 0).all()
     y0, x0, p = tile_sample(s, 32, pad="reflect")[-1]
     ref = np.pad(s.image, ((0, y0 + 32 - h), (0, x0 + 32 - w), (0, 0)), mode="reflect")
     assert np.array_equal(p.image, ref[y0:, x0:])
-    assert (p.layout.inst_map[h - y0 :, :] == 0).all()
 
 
 def test_nuclei_counts_and_classes_consistent():
@@ -91,11 +151,12 @@ def test_nuclei_counts_and_classes_consistent():
         ys, xs = np.nonzero(s.layout.inst_map == i)
         expected[i] = (len(set(zip(ys // 32, xs // 32))), c)
     total = sum(n for n, _ in expected.values())
-    assert sum(p.layout.num_nuclei for _, _, p in tiles) == total
+    on_source = [crop_to_source(p.layout, p.provenance) for _, _, p in tiles]  # mirrored twins left out
+    assert sum(lay.num_nuclei for lay in on_source) == total
     per_class = np.zeros(5, int)
     for n, c in expected.values():
         per_class[c] += n
-    assert np.array_equal(sum(p.layout.class_counts() for _, _, p in tiles), per_class)
+    assert np.array_equal(sum(lay.class_counts() for lay in on_source), per_class)
     # Cut nuclei keep their visible part with the centroid of the visible pixels.
     for y0, x0, p in tiles:
         for j in range(p.layout.num_nuclei):
@@ -124,7 +185,8 @@ def test_tiling_bad_input():
     assert tile_sample(s, 128, pad="none") == []
     # An image smaller than the tile is padded to one full tile.
     (y0, x0, p), = tile_sample(s, 128, pad="reflect")
-    assert p.layout.shape == (128, 128) and p.layout.num_nuclei == s.layout.num_nuclei
+    assert p.layout.shape == (128, 128) and p.layout.num_nuclei > s.layout.num_nuclei  # with mirrored twins
+    assert crop_to_source(p.layout, p.provenance).num_nuclei == s.layout.num_nuclei
 
 
 def test_rescale_halves_and_keeps_classes():

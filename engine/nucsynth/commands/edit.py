@@ -131,6 +131,7 @@ def _edit(samples: list, pool_samples: list, args: argparse.Namespace) -> tuple[
     for i, s in enumerate(samples):
         seed = args.seed + i
         prov = dict(s.provenance, edit=args.mode, edit_seed=seed)
+        prov.pop("source_ids", None)  # the edited nuclei are not the source's (nucsynth.data.tiling)
         if args.mode == "balance":
             lay, rep = balance_layout_report(s.layout, pool, args.target_share, seed, rare_class=args.rare_class, **opts)
             prov.update(target_share=args.target_share, rare_before=rep.rare_before, rare_after=rep.rare_after,
@@ -143,7 +144,9 @@ def _edit(samples: list, pool_samples: list, args: argparse.Namespace) -> tuple[
         else:
             g = gradmix_balance(s, patches, args.target_share, seed, ring_width=args.ring_width,
                                 rare_class=args.rare_class, **opts)
-            new = Sample(g.layout, g.image, dict(g.provenance, image_matches_labels=True))
+            g_prov = dict(g.provenance, image_matches_labels=True)
+            g_prov.pop("source_ids", None)
+            new = Sample(g.layout, g.image, g_prov)
         out.append(new)
         changed.append(not new.layout.equals(s.layout))
     return out, changed

@@ -197,6 +197,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.with_reference is not None:
         outputs.check_not_input(args.with_reference, {"--data": args.data, "--model": args.model}, "--with-reference")
         outputs.check_output(args.with_reference, args.overwrite, "--with-reference")
+    from nucsynth.data.tiling import source_pairs
     from nucsynth.device import pick_device
     from nucsynth.evaluate.segmenter import load_segmenter, predict_layouts
     from nucsynth.metrics import evaluate_set
@@ -207,7 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     samples = list(data)
     empty = float(args.empty_score)
     preds = predict_layouts(net, [s.image for s in samples], class_set, device=device)
-    res = evaluate_set([s.layout for s in samples], preds, empty=empty)
+    res = evaluate_set(*source_pairs(samples, preds), empty=empty)
     print(f"patch protocol, {len(samples)} patches of {args.data} ({args.split}): {summary_line(res)}")
     print(f"  {res['n_empty']} patch(es) with no nucleus in truth and prediction, scored {args.empty_score} "
           f"({res['n_empty_truth']} with no true nucleus)")

@@ -27,6 +27,7 @@ from nucsynth.evaluate.segmenter import (
     train_segmenter,
     tune_postprocess,
 )
+from nucsynth.data.tiling import source_pairs
 from nucsynth.layout import Sample
 from nucsynth.metrics import detection_classification, evaluate_set, instance_metrics
 
@@ -138,7 +139,6 @@ def downstream(
         raise ValueError(f"tune_every must be >= 0 (0 = no tuning), got {tune_every}")
     class_set = train[0].layout.class_set
     test_samples = list(test)
-    truths = [s.layout for s in test_samples]
     settings = ["real"] + (["real+synthetic"] if synthetic is not None and len(synthetic) else [])
     runs: list[dict[str, Any]] = []
     if subsets is not None:
@@ -169,7 +169,7 @@ def downstream(
                 preds = predict_layouts(net, [s.image for s in test_samples], class_set, device=device, **post)
                 row = {"fraction": float(fraction), "seed": int(seed), "setting": setting, "train_patches": len(data),
                        "postprocess": post}
-                res = evaluate_set(truths, preds)
+                res = evaluate_set(*source_pairs(test_samples, preds))
                 row.update(table_metrics(res))
                 row["empty_patches"] = res["n_empty"]
                 runs.append(row)
@@ -382,16 +382,17 @@ def fidelity(samples: Sequence[Sample], net: HoVerSegmenter, device: str = "cpu"
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         preds += predict_layouts(net, [s.image for s in chunk], class_set, batch_size=batch_size, device=device, **watershed_params)
-    for i, (s, p) in enumerate(zip(items, preds)):
-        inst = instance_metrics(s.layout.inst_map, p.inst_map, empty=1.0)
-        det = detection_classification(s.layout, p, radius)
+    truths, preds = source_pairs(items, preds)  # real patches: their padding is not scored
+    for i, (s, t, p) in enumerate(zip(items, truths, preds)):
+        inst = instance_metrics(t.inst_map, p.inst_map, empty=1.0)
+        det = detection_classification(t, p, radius)
         f1 = [v for v in det["f1"].values() if not np.isnan(v)]
         f1_mean = float(np.mean(f1)) if f1 else float("nan")
         f_d = 1.0 if np.isnan(det["f_d"]) else det["f_d"]  # no nuclei on either side: agreement
         score = inst["pq"] * f_d * (f1_mean if f1 else 1.0)
         per.append({"index": i, "pq": inst["pq"], "f_d": f_d, "f1_mean": f1_mean, "score": float(score),
-                    "n_layout": s.layout.num_nuclei, "n_segmented": p.num_nuclei})
-    res = evaluate_set([s.layout for s in items], preds, radius=radius)
+                    "n_layout": t.num_nuclei, "n_segmented": p.num_nuclei})
+    res = evaluate_set(truths, preds, radius=radius)
     summary = {k: float(np.nanmean([r[k] for r in per])) if not all(np.isnan(r[k]) for r in per) else float("nan")
                for k in FIDELITY_KEYS}
     out: dict[str, Any] = {"per_sample": per, "summary": summary, "table": table_metrics(res), "n_samples": len(items)}

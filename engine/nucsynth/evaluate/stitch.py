@@ -12,7 +12,13 @@ To set our figures beside published ones, the patches of each source tile (prove
    their shared pixels, and that agreement is checked before it is used.
 2. :func:`assemble_tile` builds the tile's image and labels: each pixel comes from the
    patch whose centre is nearest, and the pieces of one nucleus seen by several patches
-   are joined through the pixels they share (a connected-components graph).
+   are joined by the source ids ``nucsynth prepare`` recorded (provenance ``source_ids``),
+   else through the pixels they share (a connected-components graph): patches that only
+   abut share no pixel, so without the record a nucleus they cut stays cut in two.
+
+Either way only pixels of the source image are scored: a tile's padded rows and columns
+(``nucsynth prepare`` pads the last patches of an image whose side is not a multiple of the
+patch) are cut off truth and prediction (:func:`nucsynth.data.tiling.source_pairs`).
 
 When neither works (the CoNSeP 256 px release: each tile's 16 patches are separate crops,
 not cut on a grid, so there is no tile to rebuild), :func:`evaluate_tiles` pools the
@@ -31,6 +37,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from nucsynth.data.tiling import source_pairs
 from nucsynth.layout import Layout, Sample, relabel_contiguous
 from nucsynth.metrics import EMPTY_SCORE, evaluate_set, pq_from_counts
 
@@ -126,15 +133,33 @@ def _owner_map(offsets: np.ndarray, patch: tuple[int, int], shape: tuple[int, in
     return owner
 
 
-def _link_instances(inst: Sequence[np.ndarray], offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _recorded_ids(patches: Sequence[Sample]) -> list[np.ndarray] | None:
+    """Each patch's ``source_ids`` (its nuclei's ids in the source image, local id i+1 ->
+    entry i), or None when some patch lacks them or they do not match its nuclei."""
+    out = []
+    for p in patches:
+        ids = p.provenance.get("source_ids")
+        if ids is None or len(ids) != p.layout.num_nuclei:
+            return None
+        out.append(np.asarray(ids, np.int64))
+    return out
+
+
+def _link_instances(inst: Sequence[np.ndarray], offsets: np.ndarray,
+                    source_ids: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Join the pieces of one nucleus seen by several patches.
 
-    Nodes are (patch, local id); two are linked when they share pixels on the overlap of
-    their patches and those shared pixels are the majority of the smaller piece there.
+    Nodes are (patch, local id). With ``source_ids`` (:func:`_recorded_ids`) the pieces of
+    one source nucleus are joined, exactly, whether the patches overlap or only abut.
+    Without, two nodes are linked when they share pixels on the overlap of their patches
+    and those shared pixels are the majority of the smaller piece there.
     Returns (node offset per patch (n + 1,), component label per node).
     """
     counts = [int(m.max()) + 1 for m in inst]  # local ids 0..max (0 unused)
     base = np.concatenate([[0], np.cumsum(counts)])
+    if source_ids is not None:  # background node of patch k: key -(k + 1), never joined
+        keys = np.concatenate([np.r_[-(k + 1), ids] for k, ids in enumerate(source_ids)])
+        return base, np.unique(keys, return_inverse=True)[1].ravel()
     rows, cols = [], []
     n = len(inst)
     for a in range(n):
@@ -180,7 +205,7 @@ def assemble_tile(patches: Sequence[Sample], grid: TileGrid, provenance: dict | 
     ph, pw = patches[0].layout.shape
     owner = _owner_map(grid.offsets, (ph, pw), shape)
     inst = [p.layout.inst_map for p in patches]
-    base, comp = _link_instances(inst, grid.offsets)
+    base, comp = _link_instances(inst, grid.offsets, _recorded_ids(patches))
     image = np.zeros((*shape, 3), np.uint8)
     nodes = np.zeros(shape, np.int64)  # global node id of each tile pixel (0 = background node)
     bg = np.zeros(shape, bool)
@@ -209,6 +234,9 @@ def assemble_tile(patches: Sequence[Sample], grid: TileGrid, provenance: dict | 
             best_area[i], classes[i] = node_area[node], node_class[node]
     layout = Layout.from_inst_map(tile_inst, classes, patches[0].layout.class_set)
     prov = {"assembled_from": len(patches), "stride": grid.stride, "grid_residual": round(grid.residual, 3)}
+    sources = {tuple(p.provenance["source_shape"]) if "source_shape" in p.provenance else None for p in patches}
+    if len(sources) == 1 and None not in sources:  # the tile's padding is not scored (tiling.source_extent)
+        prov["source_shape"] = list(sources.pop())
     prov.update(provenance or {})
     return Sample(layout, image, prov)
 
@@ -297,8 +325,7 @@ def evaluate_tiles(
     except ValueError as e:
         tiles, reason = None, f"tiles cannot be reassembled ({e}); each tile's patches pooled instead"
     if tiles is not None:
-        truths = [t.layout for t in tiles]
-        preds = segment([t.image for t in tiles])
+        truths, preds = source_pairs(tiles, segment([t.image for t in tiles]))
         res = evaluate_set(truths, preds, radius=radius, empty=empty)
         per_tile = [{"tile": t.provenance["tile"], **{k: m[k] for k in ("dice", "aji", "dq", "sq", "pq", "n_true", "n_pred")}}
                     for t, m in zip(tiles, res["per_image"])]
@@ -307,8 +334,7 @@ def evaluate_tiles(
     groups = tile_groups(source)
     all_t, all_p, per_tile = [], [], []
     for tile, idx in groups.items():
-        truths = [source[i].layout for i in idx]
-        preds = segment([source[i].image for i in idx])
+        truths, preds = source_pairs([source[i] for i in idx], segment([source[i].image for i in idx]))
         res = evaluate_set(truths, preds, radius=radius, empty=empty)
         tp, fp, fn, iou = (sum(m[k] for m in res["per_image"]) for k in ("tp", "fp", "fn", "iou_sum"))
         d = _pooled_dice(truths, preds)

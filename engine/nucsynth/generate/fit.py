@@ -11,7 +11,9 @@ Definitions (the same as the built-in CoNSeP constants):
 - spacing is the distance from each centroid to the nearest other centroid of the same
   patch; ``nn_same_class`` the share of nuclei whose nearest neighbour has their class
   (nuclei alone in their patch count as "not the same", as in the original measurement);
-- coverage is the percentage of a patch's pixels inside nuclei.
+- coverage is the percentage of a patch's pixels inside nuclei;
+- a padded patch is measured on its source pixels only
+  (:func:`nucsynth.data.tiling.crop_to_source`): mirrored nuclei are not data.
 
 A class with fewer than :data:`MIN_FIT_NUCLEI` whole nuclei borrows the pooled size and
 shape (and with fewer spaced nuclei, the pooled spacing); the statistics' ``notes`` say so.
@@ -27,6 +29,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from skimage.measure import regionprops
 
+from nucsynth.data.tiling import crop_to_source
 from nucsynth.generate.stats import PATCH_AREA, LayoutStats, NucleusStats, StatsError
 from nucsynth.layout import ClassSet, Layout, Sample
 
@@ -53,7 +56,7 @@ class Measurements:
 
 def _layouts(source: Iterable[Sample | Layout]) -> Iterable[Layout]:
     for i, item in enumerate(source):
-        lay = item.layout if isinstance(item, Sample) else item
+        lay = crop_to_source(item.layout, item.provenance) if isinstance(item, Sample) else item
         if not isinstance(lay, Layout):
             raise StatsError(f"item {i} of the source is a {type(item).__name__}, not a Sample or Layout")
         yield lay
