@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from nucsynth.data.tiling import source_pairs
 from nucsynth.evaluate.segmenter import (
     HoVerSegmenter,
     SegmenterConfig,
@@ -27,7 +28,6 @@ from nucsynth.evaluate.segmenter import (
     train_segmenter,
     tune_postprocess,
 )
-from nucsynth.data.tiling import source_pairs
 from nucsynth.layout import Sample
 from nucsynth.metrics import detection_classification, evaluate_set, instance_metrics
 
@@ -383,7 +383,7 @@ def fidelity(samples: Sequence[Sample], net: HoVerSegmenter, device: str = "cpu"
         chunk = items[i : i + batch_size]
         preds += predict_layouts(net, [s.image for s in chunk], class_set, batch_size=batch_size, device=device, **watershed_params)
     truths, preds = source_pairs(items, preds)  # real patches: their padding is not scored
-    for i, (s, t, p) in enumerate(zip(items, truths, preds)):
+    for i, (t, p) in enumerate(zip(truths, preds)):
         inst = instance_metrics(t.inst_map, p.inst_map, empty=1.0)
         det = detection_classification(t, p, radius)
         f1 = [v for v in det["f1"].values() if not np.isnan(v)]
