@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, default=None, help="the image of a GeoJSON source")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in px (default: 256)")
     p.add_argument("--stride", type=int, default=None, help="step between patches (default: the patch size)")
-    p.add_argument("--pad", choices=PAD_POLICIES, default="reflect", help="how edge patches are filled (default: reflect)")
+    p.add_argument("--pad", choices=PAD_POLICIES, default="reflect", help="how edge patches are filled: reflect (image and labels mirrored), constant (white, no nuclei), "
+                   "none (only whole windows); padding is never scored (default: reflect)")
     p.add_argument("--scale", type=float, default=1.0, help="rescale sources first, e.g. 0.5 for 40x -> 20x (default: 1)")
     p.add_argument("--stain", choices=("none", "macenko", "vahadane"), default="none", help="stain normalization (default: none)")
     p.add_argument("--stain-target", type=Path, default=None, help="target image for --stain")
