@@ -11,7 +11,7 @@ import torch
 
 from nucsynth.evaluate import segmenter as S
 from nucsynth.generate.tissue import procedural_sample
-from nucsynth.layout import CONSEP_CLASSES, NUCLEUS_CLASSES
+from nucsynth.layout import CONSEP_CLASSES, NUCLEUS_CLASSES, Sample
 
 
 def tiny_config(**kw) -> S.SegmenterConfig:
@@ -163,6 +163,32 @@ def test_cli_train_and_evaluate(tmp_path, samples, capsys):
     assert set(S.load_segmenter(ref)[2]["fidelity_reference"]) == {"pq", "f_d", "f1_mean", "score"}
     assert "no nucleus in truth and prediction, scored 1" in capsys.readouterr().out
     assert main(["segmenter", "tune", "--model", str(out), "--data", str(store), "--out", str(tuned)]) == 2  # exists
+
+
+def test_evaluate_maps_the_model_classes_onto_an_instance_only_store(tmp_path, samples, capsys):
+    """A CoNSeP-class model scored on an instance-only store (MoNuSeg): refused before any
+    work unless --class-map says how its classes read there; instance figures then equal
+    those against the same nuclei with their CoNSeP classes."""
+    from nucsynth.cli import main
+    from nucsynth.io.store import DatasetStore
+
+    store = _make_store(tmp_path / "data.zarr", samples)
+    model = tmp_path / "model"
+    assert main(["segmenter", "train", "--data", str(store), "--out", str(model), "--steps", "1",
+                 "--batch-size", "2", "--crop", "32", "--device", "cpu"]) == 0
+    plain = DatasetStore.create(tmp_path / "plain.zarr", NUCLEUS_CLASSES)
+    plain.append([Sample(s.layout.to_class_set(NUCLEUS_CLASSES, {n: "nucleus" for n in CONSEP_CLASSES.names}), s.image,
+                         s.provenance) for s in samples[3:]], splits="val")
+    plain.close()
+    capsys.readouterr()
+    assert main(["segmenter", "evaluate", "--model", str(model), "--data", str(tmp_path / "plain.zarr")]) == 2
+    assert "(--class-map)" in capsys.readouterr().err
+    every = ",".join(f"{n}=nucleus" for n in CONSEP_CLASSES.names)
+    for data, extra, name in ((store, [], "four.json"), (tmp_path / "plain.zarr", ["--class-map", every], "one.json")):
+        assert main(["segmenter", "evaluate", "--model", str(model), "--data", str(data), "--device", "cpu",
+                     "--json", str(tmp_path / name), *extra]) == 0
+    four, one = (json.loads((tmp_path / n).read_text()) for n in ("four.json", "one.json"))
+    assert one["mean"] == four["mean"] and list(one["detection"]["f1"]) == ["nucleus"]
 
 
 def test_the_shipped_segmenter_loads_and_carries_its_reference():

@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--with-reference", type=Path, metavar="OUT_DIR",
                    help="also write a copy of the model that records its label-fidelity scores on these real patches "
                         "('evaluate fidelity' then scores synthetic images relative to them)")
+    e.add_argument("--class-map", default=None,
+                   help="the model's classes in the store's, where names differ: e.g. 'other=nucleus,inflammatory=nucleus,"
+                        "epithelial=nucleus,spindle=nucleus' to score a CoNSeP model on instance-only MoNuSeg "
+                        "(default: matched by name)")
     e.add_argument("--empty-score", choices=("0", "1", "nan"), default="0",
                    help="per-patch score of a patch with no nucleus in truth and prediction: 0 (HoVer-Net, default), "
                         "1 (nothing to find, nothing found), nan (left out of the means)")
@@ -102,6 +106,21 @@ def _refuse_unmatched_images(store: Any, path: Path, idx: Any) -> None:
         raise ValueError(f"{path}: {len(bad)} patch(es) hold labels edited without their images (nucsynth edit "
                          "--mode balance / enlarge), so images and labels do not match; render them first "
                          f"(nucsynth synthesize --layouts {path} --out RENDERED.zarr) and use that store")
+
+
+def _class_translation(model: Any, store: Any, class_map: str | None) -> Any:
+    """A function taking predicted Layouts (the model's classes) to the store's class set,
+    by name or by ``--class-map``; raises ValueError naming the unmatched classes."""
+    from nucsynth.layout import LayoutError, class_lut, parse_class_map
+
+    mapping = parse_class_map(class_map) if class_map else None
+    try:
+        class_lut(model, store, mapping)
+    except LayoutError as e:
+        raise ValueError(f"the model's classes cannot be scored against the store's: {e} (--class-map)") from None
+    if model == store and mapping is None:
+        return lambda layouts: layouts
+    return lambda layouts: [lay.to_class_set(store, mapping) for lay in layouts]
 
 
 def json_safe(x: Any) -> Any:
@@ -206,8 +225,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     net, class_set, _ = load_segmenter(args.model, device)
     data = load_split(args.data, args.split)
     samples = list(data)
+    in_store_classes = _class_translation(class_set, samples[0].layout.class_set, args.class_map)  # before the work
     empty = float(args.empty_score)
-    preds = predict_layouts(net, [s.image for s in samples], class_set, device=device)
+    preds = in_store_classes(predict_layouts(net, [s.image for s in samples], class_set, device=device))
     res = evaluate_set(*source_pairs(samples, preds), empty=empty)
     print(f"patch protocol, {len(samples)} patches of {args.data} ({args.split}): {summary_line(res)}")
     print(f"  {res['n_empty']} patch(es) with no nucleus in truth and prediction, scored {args.empty_score} "
@@ -217,7 +237,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from nucsynth.evaluate.segmenter import segment_image
         from nucsynth.evaluate.stitch import evaluate_tiles
 
-        whole = evaluate_tiles(samples, lambda ims: [segment_image(net, im, class_set, device=device) for im in ims],
+        whole = evaluate_tiles(samples, lambda ims: in_store_classes([segment_image(net, im, class_set, device=device) for im in ims]),
                                empty=empty)
         m, d = whole["mean"], whole["detection"]
         f1 = " ".join(f"{k}={v:.3f}" for k, v in d["f1"].items())
