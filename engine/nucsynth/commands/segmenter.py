@@ -237,8 +237,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         from nucsynth.evaluate.segmenter import segment_image
         from nucsynth.evaluate.stitch import evaluate_tiles
 
-        whole = evaluate_tiles(samples, lambda ims: in_store_classes([segment_image(net, im, class_set, device=device) for im in ims]),
-                               empty=empty)
+        def segment(images: list) -> list:
+            return in_store_classes([segment_image(net, im, class_set, device=device) for im in images])
+
+        whole = evaluate_tiles(samples, segment, empty=empty)
         m, d = whole["mean"], whole["detection"]
         f1 = " ".join(f"{k}={v:.3f}" for k, v in d["f1"].items())
         print(f"whole-image protocol ({whole['mode']}, {whole['n_tiles']} tiles): Dice {m['dice']:.4f}  DQ {m['dq']:.4f}  "
