@@ -69,6 +69,7 @@ def layout_from_layer_data(layer_data: Sequence[FullLayerData]) -> tuple[Layout,
 def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
     meta = metadata.get("nucsynth", {}) if isinstance(metadata, dict) else {}
     prov = dict(meta.get("provenance", {}))
+    prov.pop("source_ids", None)  # the layers may have been edited: their nuclei are not the source's
     for key in ("model", "seed", "family", "mode", "steps", "guidance", "strength"):
         if key in meta:
             prov[key] = meta[key]

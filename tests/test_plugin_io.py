@@ -72,6 +72,22 @@ def test_store_round_trip_keeps_classes_and_colours(viewer_with_sample: ViewerMo
         write_store(str(other), _full(v, ["procedural image", "procedural instances"]))
 
 
+def test_saved_layers_do_not_claim_the_source_nuclei(viewer_with_sample: ViewerModel, tmp_path: Path) -> None:
+    """A patch opened from a store and saved again keeps where its pixels came from
+    (source_shape, the padding record) but not source_ids: the user may have edited the
+    nuclei, and stitching must not join them by ids that no longer hold."""
+    from nucsynth.io.store import DatasetStore
+
+    v = viewer_with_sample
+    meta = v.layers["procedural image"].metadata.setdefault("nucsynth", {})
+    meta["provenance"] = {"tile": "t_1", "y0": 0, "x0": 0, "size": [256, 256], "source_shape": [200, 256],
+                          "source_ids": [1, 2, 3]}
+    out = tmp_path / "saved.zarr"
+    write_store(str(out), _full(v, ["procedural image", "procedural instances"]))
+    prov = DatasetStore.open(out)[0].provenance
+    assert prov["source_shape"] == [200, 256] and prov["tile"] == "t_1" and "source_ids" not in prov
+
+
 def test_store_writer_needs_an_image(viewer_with_sample: ViewerModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="select the layout's image layer"):
         write_store(str(tmp_path / "x.zarr"), _full(viewer_with_sample, ["procedural instances"]))
