@@ -118,8 +118,6 @@ def _class_translation(model: Any, store: Any, class_map: str | None) -> Any:
         class_lut(model, store, mapping)
     except LayoutError as e:
         raise ValueError(f"the model's classes cannot be scored against the store's: {e} (--class-map)") from None
-    if model == store and mapping is None:
-        return lambda layouts: layouts
     return lambda layouts: [lay.to_class_set(store, mapping) for lay in layouts]
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from nucsynth.data.tiling import source_pairs
+from nucsynth.data.tiling import crop_to_source, source_pairs
 from nucsynth.evaluate.segmenter import (
     HoVerSegmenter,
     SegmenterConfig,
@@ -139,6 +139,7 @@ def downstream(
         raise ValueError(f"tune_every must be >= 0 (0 = no tuning), got {tune_every}")
     class_set = train[0].layout.class_set
     test_samples = list(test)
+    truths = [crop_to_source(s.layout, s.provenance) for s in test_samples]  # padding is not scored
     settings = ["real"] + (["real+synthetic"] if synthetic is not None and len(synthetic) else [])
     runs: list[dict[str, Any]] = []
     if subsets is not None:
@@ -169,7 +170,7 @@ def downstream(
                 preds = predict_layouts(net, [s.image for s in test_samples], class_set, device=device, **post)
                 row = {"fraction": float(fraction), "seed": int(seed), "setting": setting, "train_patches": len(data),
                        "postprocess": post}
-                res = evaluate_set(*source_pairs(test_samples, preds))
+                res = evaluate_set(truths, [crop_to_source(p, s.provenance) for p, s in zip(preds, test_samples)])
                 row.update(table_metrics(res))
                 row["empty_patches"] = res["n_empty"]
                 runs.append(row)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nucsynth.data.tiling import source_pairs
+from nucsynth.data.tiling import crop_to_source
 from nucsynth.layout import ClassSet, Layout, Sample
 from nucsynth.postprocess import hv_watershed
 
@@ -563,10 +563,12 @@ def tune_postprocess(
         raise ValueError("no samples to tune on")
     cs = items[0].layout.class_set
     maps = predict_batch_maps(net, [s.image for s in items], device=device)
+    truths = [crop_to_source(s.layout, s.provenance) for s in items]  # padding is not scored
 
     def score(params: dict[str, float]) -> float:
-        preds = [hv_watershed(m["prob"], m["hv"], m["type"], class_set=cs, **params) for m in maps]
-        return float(evaluate_set(*source_pairs(items, preds))["mean"]["pq"])
+        preds = [crop_to_source(hv_watershed(m["prob"], m["hv"], m["type"], class_set=cs, **params), s.provenance)
+                 for m, s in zip(maps, items)]
+        return float(evaluate_set(truths, preds)["mean"]["pq"])
 
     best = dict(net.config.postprocess)
     best_pq = score(best)
