@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/images/model_grid.png")
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=0.5)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's recorded guidance")
     p.add_argument("--strength", type=float, default=0.55)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

@@ -11,7 +11,9 @@
 #    (32 x 32 latents of the training patches, encoded once in their 8 rotations/flips),
 #    condition dropout 0.1 throughout (so classifier-free guidance works), 8000 steps;
 # 4. decoder fine-tuning: 600 more steps of the decoder alone on the frozen encoder;
-# 5. export the EMA weights of both in float16 into the package (about 9 MB together).
+# 5. export the EMA weights of both in float16 into the package (about 9 MB together), with
+#    guidance 0 recorded as the model's default: unguided renders were the closest to real
+#    `val` tissue for every judge, with class identity intact (docs/models.md, "Guidance").
 # Times on the shared 2-core CPU are in docs/models.md. Both trainings resume exactly:
 # re-run the same command after an interruption (the train steps are given --resume when
 # their run folder already holds checkpoints).
@@ -46,5 +48,5 @@ resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
 # 5. layout statistics of the training patches (the demo's random layouts), then the export
 "$BIN/nucsynth" stats "$RUN/consep.zarr" --split train --out "$RUN/latent/layout_stats.json"
 "$BIN/python" -c "import sys; from nucsynth.checkpoint import export_checkpoint, default_checkpoint_dir; \
-print(export_checkpoint(sys.argv[1], default_checkpoint_dir(), overwrite=True, half=True, autoencoder=sys.argv[2]))" \
+print(export_checkpoint(sys.argv[1], default_checkpoint_dir(), overwrite=True, half=True, autoencoder=sys.argv[2], guidance=0.0))" \
     "$RUN/latent" "$RUN/decoder"

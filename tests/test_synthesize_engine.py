@@ -219,6 +219,37 @@ def test_guidance_default_follows_what_the_model_learned(ckpts, tmp_path, source
     assert "null condition" in capsys.readouterr().err
 
 
+def test_a_checkpoint_carries_the_guidance_it_renders_with(ckpts, tmp_path, source):
+    """export_checkpoint(guidance=g) records g; every front-end's default (None) and
+    sample() without guidance then use it; a checkpoint without the record keeps the
+    family's 0.5; impossible values are refused before anything is written."""
+    from nucsynth.checkpoint import export_checkpoint, load_checkpoint, read_config
+
+    dst = export_checkpoint(ckpts["semantic"], tmp_path / "unguided", guidance=0.0)
+    assert read_config(dst)["model"]["sampling"] == {"guidance": 0.0}
+    synth = get_synthesizer(dst, "cpu")
+    assert synth.resolve(SynthesisOptions()).guidance == 0.0
+    lay = DatasetStore.open(source)[0].layout
+    model, _ = load_checkpoint(dst)
+    default, unguided = model.sample([lay], steps=2, seed=1)[0], model.sample([lay], steps=2, guidance=0.0, seed=1)[0]
+    assert default.provenance["guidance"] == 0.0
+    np.testing.assert_array_equal(default.image, unguided.image)
+    guided = model.sample([lay], steps=2, guidance=0.5, seed=1)[0].image
+    assert not np.array_equal(guided, default.image)  # the record changes what users get
+    old = read_config(ckpts["semantic"])["model"]
+    old.pop("sampling")  # a checkpoint written before the record existed
+    assert SemanticModel.from_config_dict(old).config.guidance == 0.5
+    assert export_checkpoint(dst, tmp_path / "again").exists()  # re-exporting keeps the record
+    assert read_config(tmp_path / "again")["model"]["sampling"] == {"guidance": 0.0}
+    with pytest.raises(ValueError, match="null condition"):
+        export_checkpoint(ckpts["nonull"], tmp_path / "bad1", guidance=0.5)
+    with pytest.raises(ValueError, match=">= -1"):
+        export_checkpoint(ckpts["semantic"], tmp_path / "bad2", guidance=-2.0)
+    with pytest.raises(ValueError, match="semantic"):
+        export_checkpoint(ckpts["joint"], tmp_path / "bad3", guidance=1.0)
+    assert not any((tmp_path / n).exists() for n in ("bad1", "bad2", "bad3"))
+
+
 def test_options_a_family_cannot_use_are_refused(ckpts):
     with pytest.raises(ValueError, match="--mode"):
         get_synthesizer(ckpts["joint"], "cpu").resolve(SynthesisOptions(mode="balance"))

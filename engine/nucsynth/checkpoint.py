@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -547,7 +548,7 @@ def load_training_state(
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False, half: bool = False,
-                      autoencoder: str | Path | None = None) -> Path:
+                      autoencoder: str | Path | None = None, guidance: float | None = None) -> Path:
     """A compact copy of a checkpoint for sampling: ``config.json`` + ``ema.safetensors``.
 
     ``src`` may be a run folder (its newest checkpoint is taken). The weights are validated
@@ -560,7 +561,11 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
     record points there, with the bundled copy's content hash. ``autoencoder`` bundles
     another autoencoder instead, e.g. a decoder fine-tuned with ``train --finetune-decoder``:
     it must have the recorded autoencoder's encoder bit for bit (the same latent space),
-    else ``ValueError``.
+    else ``ValueError``. ``guidance``: record the classifier-free guidance scale the model
+    renders with when none is given (semantic family; e.g. the value
+    ``benchmarks/bench_realism.py --guidance`` measured most realistic); None keeps the
+    recorded one. ``ValueError`` below -1, or above 0 for a model that never learned the
+    null condition.
     """
     import torch
 
@@ -570,6 +575,8 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
+    if guidance is not None:
+        _record_guidance(model, cfg, float(guidance), ckpt)
     bundle: dict[str, Path] = {}
     if getattr(model, "is_latent", False):
         from nucsynth.models.autoencoder import weights_hash
@@ -608,6 +615,21 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
             else:
                 left.unlink(missing_ok=True)
     return dst
+
+
+def _record_guidance(model: ModelFamily, cfg: Mapping[str, Any], guidance: float, where: Path) -> None:
+    """Set the default guidance of ``model`` (a family whose config has one), after checks."""
+    from nucsynth.synthesize import learned_null
+
+    if not hasattr(model.config, "guidance"):
+        raise ValueError(f"guidance= applies to models that record a default guidance (semantic); {where} is a "
+                         f"{model.name!r} model")
+    if not math.isfinite(guidance) or guidance < -1.0:
+        raise ValueError(f"guidance must be a number >= -1 (0 = conditional model only), got {guidance}")
+    if guidance != 0.0 and learned_null(cfg) is False:
+        raise ValueError(f"guidance {guidance} needs a model that learned the null condition; {where} was trained "
+                         "with the condition always given (cond_drop 0)")
+    model.config.guidance = guidance
 
 
 # ---------------------------------------------------------------------- default resolution

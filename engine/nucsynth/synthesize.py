@@ -18,8 +18,8 @@ Three pieces, used in this order::
   family: ``semantic`` renders layouts (from noise, or from a source image partially noised
   with ``strength``, or only a masked region), ``joint`` renders from the layouts' points,
   ``structure`` generates layouts and renders them with its NuDiff stage-2 image checkpoint.
-  :meth:`Synthesizer.resolve` fills the model-dependent defaults (guidance: the family's,
-  or 0 and refused above 0 for a model that never learned the null condition; strength:
+  :meth:`Synthesizer.resolve` fills the model-dependent defaults (guidance: the one the
+  checkpoint records, else the family's, or 0 and refused above 0 for a model that never learned the null condition; strength:
   0.55 for DiffMix balance / enlarge when the source has images) and refuses options the
   family cannot use.
 - :func:`plan_items`: the :class:`Item` list of a job: the edited layouts (DiffMix balance
@@ -111,7 +111,8 @@ class SynthesisOptions:
     sampler: str = _opt("dpm++2m", "solver: dpm++2m (10-25 steps), ddim (>= 50) or ancestral (>= 100)",
                         choices=SAMPLERS, kind=str)
     guidance: float | None = _opt(None, "classifier-free guidance scale s in eps_c + s (eps_c - eps_u) "
-                                  "(default: the model's: semantic 0.5 = SDM/DiffMix's 1.5, joint 1.0; "
+                                  "(default: the model's: the value its checkpoint records, else semantic 0.5 = SDM/DiffMix's "
+                                  "1.5, joint 1.0; "
                                   "0 for a model that never learned the null condition)", kind=float)
     seed: int = _opt(0, "seed: sample i of a job gets seed + i (edits use it too)", kind=int)
     batch_size: int = _opt(4, "samples rendered at once (bounds memory; an interrupted job loses at most one batch)",
@@ -341,13 +342,17 @@ class Synthesizer:
         return learned_null(cfg)
 
     def default_guidance(self) -> float:
-        """The family's guidance default (its ``sample`` signature), 0 for a model that never
-        learned the null condition."""
+        """The guidance the rendering model records (``config.guidance`` of a semantic model;
+        else the family's ``sample`` default), 0 for a model that never learned the null
+        condition."""
         model, _, _ = self._renderer()
-        param = inspect.signature(model.sample).parameters.get("guidance")
-        if self.learned_null() is False or param is None:
+        if self.learned_null() is False:
             return 0.0
-        return float(param.default)
+        recorded = getattr(model.config, "guidance", None)
+        if recorded is not None:
+            return float(recorded)
+        param = inspect.signature(model.sample).parameters.get("guidance")
+        return 0.0 if param is None else float(param.default)
 
     def in_model_classes(self, items: Sequence[Union[Sample, Layout]], class_map: str | Mapping[str, str] | None = None,
                          what: str = "--layouts") -> list[Union[Sample, Layout]]:

@@ -31,6 +31,8 @@ __all__ = ["SemanticConfig", "SemanticModel", "to_uint8", "latent_unet_config"]
 
 PRESETS = ("tiny", "base", "paper")
 SAMPLERS = ("dpm++2m", "ddim", "ancestral")
+# The family's guidance when a checkpoint records none: SDM's s = 1.5 (Wang et al. 2022).
+DEFAULT_GUIDANCE = 0.5
 
 
 def latent_unet_config(name: str, latent_size: int, channels: int, learned_variance: bool, cond_channels: int) -> dict[str, Any]:
@@ -101,6 +103,11 @@ class SemanticConfig:
     #: {"autoencoder": path as given, "autoencoder_hash": sha256, "factor": f, "channels": z,
     #:  "label_aware": bool, "scale": 1 / std of the training latents (None until fitted)}
     latent: dict[str, Any] | None = None
+    #: classifier-free guidance scale that :meth:`SemanticModel.sample` uses when none is
+    #: given (engine convention; 0.5 = SDM's 1.5). A model may record the value measured
+    #: best for it at export (:func:`nucsynth.checkpoint.export_checkpoint`): the shipped
+    #: one renders most like real tissue unguided (docs/models.md).
+    guidance: float = DEFAULT_GUIDANCE
 
     @property
     def latent_factor(self) -> int:
@@ -211,6 +218,7 @@ class SemanticConfig:
             "edges": self.edges,
             "condition": self.condition,
             "latent": None if self.latent is None else dict(self.latent),
+            "sampling": {"guidance": self.guidance},
         }
 
     @classmethod
@@ -230,6 +238,7 @@ class SemanticConfig:
             edges=bool(d.get("edges", True)),
             condition=str(d.get("condition", "layout")),
             latent=None if d.get("latent") is None else dict(d["latent"]),
+            guidance=float(dict(d.get("sampling") or {}).get("guidance", DEFAULT_GUIDANCE)),
         )
 
 
@@ -540,7 +549,7 @@ class SemanticModel(ModelFamily):
         self,
         layouts: Layout | Sequence[Layout],
         steps: int = 20,
-        guidance: float = 0.5,
+        guidance: float | None = None,
         seed: int | Sequence[int] = 0,
         sampler: str = "dpm++2m",
         init_image: Any = None,
@@ -553,7 +562,8 @@ class SemanticModel(ModelFamily):
         All layouts are rendered in ONE batch (they must share one canvas size, a multiple
         of the network's down-sampling factor). ``guidance``: classifier-free guidance scale
         in the engine's convention eps_c + s (eps_c - eps_u) (0 = conditional model only,
-        one network pass; SDM/DiffMix's s = 1.5 is 0.5 here), computed in one batched pass.
+        one network pass; SDM/DiffMix's s = 1.5 is 0.5 here), computed in one batched pass;
+        None = the model's recorded default (``config.guidance``).
         ``sampler``: ``"dpm++2m"`` (good at 10-25 steps), ``"ddim"`` or ``"ancestral"``.
         ``init_image`` (uint8 (H, W, 3), one or one per layout) with ``strength`` in [0, 1]:
         partial noising of that image, then denoising under the layout (DiffMix / SDEdit);
@@ -583,6 +593,8 @@ class SemanticModel(ModelFamily):
         if init is None and (strength is not None or m is not None):
             raise ValueError("strength and mask need an init_image (the real image to start from)")
         seeds = row_seeds(seed, len(lays))
+        if guidance is None:
+            guidance = self.config.guidance
         x = self.sample_tensor(self.net, self.condition(lays), int(steps), float(guidance), seeds, sampler,
                                 init, strength, m, progress)
         images = to_uint8(x)
