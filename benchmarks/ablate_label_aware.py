@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     from bench_autoencoder import reconstruction_figures
-    from bench_realism import recovered_pq, segmenter_encoder
+    from bench_realism import recovered, segmenter_encoder
     from nucsynth.checkpoint import load_checkpoint, resolve_checkpoint
     from nucsynth.data.dataset import image_to_tensor, split_source
     from nucsynth.evaluate.image_quality import segmenter_feature_distance
@@ -127,7 +127,7 @@ def main() -> None:
     real_images = [s.image for s in val]
 
     def pq_mean(images: list[np.ndarray]) -> float:
-        return recovered_pq(seg, seg_classes, val, images)
+        return recovered(seg, seg_classes, val, images)["pq"]
 
     pq_real = pq_mean(real_images)
     out["pq_real"] = pq_real

@@ -53,14 +53,21 @@ def segmenter_encoder(seg):
     return Encoder()
 
 
-def recovered_pq(seg, seg_classes, samples, images) -> float:
-    """Mean per-patch PQ of the segmenter's instances on ``images`` against the layouts of
-    ``samples`` (the real images' truth, or the layouts the images were rendered from)."""
+def recovered(seg, seg_classes, samples, images) -> dict:
+    """How well the segmenter reads the layouts of ``samples`` (the real images' truth, or
+    the layouts the images were rendered from) back from ``images``: mean per-patch PQ, and
+    the classification accuracy and per-class F1 of the paired nuclei over all patches."""
     from nucsynth.evaluate.segmenter import predict_layouts
-    from nucsynth.metrics import pq
+    from nucsynth.metrics import detection_classification, pq
 
     pred = predict_layouts(seg, images, seg_classes)
-    return float(np.mean([pq(s.layout.inst_map, p.inst_map)["pq"] for s, p in zip(samples, pred)]))
+    dc = detection_classification([s.layout for s in samples], pred)
+    return {"pq": float(np.mean([pq(s.layout.inst_map, p.inst_map)["pq"] for s, p in zip(samples, pred)])),
+            "acc": dc["acc"], "f1": dc["f1"]}
+
+
+def _f1_text(r: dict) -> str:
+    return ", ".join(f"{name} {v:.3f}" for name, v in r["f1"].items())
 
 
 def main() -> None:
@@ -119,11 +126,13 @@ def main() -> None:
     encoder = segmenter_encoder(seg)
     real_images = [s.image for s in real]
 
-    def recovery(images: list[np.ndarray]) -> float:
-        return recovered_pq(seg, seg_classes, real, images)
+    def recovery(images: list[np.ndarray]) -> dict:
+        return recovered(seg, seg_classes, real, images)
 
+    on_real = recovery(real_images)
     out: dict = {"patches": [int(i) for i in idx], "split": args.split, "steps": args.steps, "guidance": args.guidance,
-                 "segmenter": args.segmenter or "shipped", "pq_real": recovery(real_images), "models": {}}
+                 "segmenter": args.segmenter or "shipped", "pq_real": on_real["pq"], "class_real": on_real, "models": {}}
+    print(f"real: PQ {on_real['pq']:.3f}, class accuracy {on_real['acc']:.3f}, F1 {_f1_text(on_real)}", flush=True)
     if args.reference_split:
         ref = store.indices(args.reference_split)
         ref = ref[:: max(1, len(ref) // len(real))][: len(real)]
@@ -132,11 +141,12 @@ def main() -> None:
         print(f"floor: {len(ref)} real {args.reference_split} patches: feature distance {floor:.4f}", flush=True)
     for name, (path, latent, images, secs) in rendered.items():
         fd = segmenter_feature_distance(real_images, images, encoder)
-        rec = recovery(images)
-        out["models"][name] = {"checkpoint": path, "latent": latent, "feature_distance": fd, "pq_rendered": rec,
-                               "recovery": rec / out["pq_real"], "seconds_per_patch": secs / len(real)}
-        print(f"{name}: feature distance {fd:.4f}, PQ on rendered {rec:.3f} = {rec / out['pq_real']:.2f} x real "
-              f"({out['pq_real']:.3f})", flush=True)
+        r = recovery(images)
+        out["models"][name] = {"checkpoint": path, "latent": latent, "feature_distance": fd, "pq_rendered": r["pq"],
+                               "recovery": r["pq"] / out["pq_real"], "class_rendered": r,
+                               "seconds_per_patch": secs / len(real)}
+        print(f"{name}: feature distance {fd:.4f}, PQ on rendered {r['pq']:.3f} = {r['pq'] / out['pq_real']:.2f} x real "
+              f"({out['pq_real']:.3f}); class accuracy {r['acc']:.3f}, F1 {_f1_text(r)}", flush=True)
     if "baseline" in out["models"]:
         r = out["models"]["model"]["feature_distance"] / out["models"]["baseline"]["feature_distance"]
         out["feature_distance_ratio"] = r
