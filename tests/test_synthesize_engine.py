@@ -5,6 +5,7 @@ defaults that fit the model. Tiny untrained checkpoints (32 px) saved by the tes
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 
@@ -30,6 +31,7 @@ from nucsynth.synthesize import (
     learned_null,
     partial_path,
     plan_items,
+    FRESH_MARGIN,
     rerender,
 )
 
@@ -161,7 +163,7 @@ def test_one_sample_rerendered_from_its_provenance_equals_the_store(case, ckpts,
     p = stored.provenance
     assert len(p["checkpoint_sha256"]) == 64 and p["seed"] == 6 and p["options"]["steps"] == 2
     if case == "balance":
-        assert p["strength"] == 0.55 and p["options"]["mode"] == "balance"
+        assert p["strength"] == 0.55 and p["options"]["mode"] == "balance" and p["fresh_margin"] == FRESH_MARGIN
     clear_synthesizers()  # loaded afresh, as another process would
     again = rerender(stored)
     np.testing.assert_array_equal(again.image, stored.image)
@@ -217,6 +219,35 @@ def test_guidance_default_follows_what_the_model_learned(ckpts, tmp_path, source
         nonull.resolve(SynthesisOptions(guidance=0.5))
     assert main(_cli(ckpts["nonull"], tmp_path / "g.zarr", "--layouts", str(source), "--guidance", "1")) == 2
     assert "null condition" in capsys.readouterr().err
+
+
+def test_diffmix_renders_the_nuclei_an_edit_changed_from_pure_noise(ckpts, source):
+    """Balance / enlarge items carry the pixels their edit changed (grown by FRESH_MARGIN) as
+    ``fresh``: there the rendering keeps nothing of the source image, so the nuclei an edit
+    removed do not stay visible under the new layout. Unedited items and plain layout
+    renders carry none."""
+    from nucsynth.edit.region import edited_region
+
+    synth = get_synthesizer(ckpts["semantic"], "cpu")
+    src = list(DatasetStore.open(source))
+    for mode in ("balance", "enlarge"):
+        opts = synth.resolve(SynthesisOptions(steps=2, mode=mode, border=2))
+        items = plan_items(synth, opts, src)
+        assert any(it.fresh is not None for it in items)
+        for it, s in zip(items, src):
+            changed = edited_region(s.layout, it.layout, margin=FRESH_MARGIN)
+            assert (it.fresh is None) == (not changed.any())
+            if it.fresh is not None:
+                np.testing.assert_array_equal(it.fresh, changed)
+                assert it.provenance["fresh_margin"] == FRESH_MARGIN
+    opts = synth.resolve(SynthesisOptions(steps=2, mode="layout", strength=0.5))
+    assert all(it.fresh is None and "fresh_margin" not in it.provenance for it in plan_items(synth, opts, src))
+    opts = synth.resolve(SynthesisOptions(steps=2, mode="balance", border=2))
+    item = next(it for it in plan_items(synth, opts, src) if it.fresh is not None)
+    with_fresh = synth.render([item], opts)[0]
+    without = synth.render([dataclasses.replace(item, fresh=None)], opts)[0]
+    assert with_fresh.provenance["fresh"] and not without.provenance["fresh"]
+    assert not np.array_equal(with_fresh.image, without.image)
 
 
 def test_a_checkpoint_carries_the_guidance_it_renders_with(ckpts, tmp_path, source):

@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from nucsynth.edit.region import edited_region
 from nucsynth.layout import ClassSet, Layout, Sample
 from nucsynth.outputs import partial_path
 
@@ -64,6 +65,7 @@ __all__ = [
     "MODES",
     "SAMPLERS",
     "DIFFMIX_STRENGTH",
+    "FRESH_MARGIN",
     "SynthesisOptions",
     "option_fields",
     "add_option_arguments",
@@ -88,6 +90,9 @@ MODES = ("layout", "balance", "enlarge")
 SAMPLERS = ("dpm++2m", "ddim", "ancestral")
 CLASS_SOURCES = ("label", "points")
 DIFFMIX_STRENGTH = 0.55  # DiffMix: the real image noised to 55 % of the chain
+# px around the nuclei an edit changed that are rendered from pure noise, not from the noised
+# source image: at strength 0.55 the removed nuclei otherwise stay visible (docs/models.md)
+FRESH_MARGIN = 4
 SETTINGS_ATTR = "synthesis"  # store attribute: the settings a job's store was made with
 
 
@@ -249,7 +254,9 @@ def learned_null(config: Mapping[str, Any]) -> bool | None:
 class Item:
     """One sample to make: its position in the job, its seed, the layout to render (None:
     the structure family generates it, on a canvas of ``size``), the source image it starts
-    from (partial noising), an optional mask (1 = re-render) and its provenance."""
+    from (partial noising), an optional mask (1 = re-render), the pixels rendered from pure
+    noise although the rest starts from the source image (``fresh``: where an edit changed
+    the source's layout) and its provenance."""
 
     index: int
     seed: int
@@ -258,6 +265,7 @@ class Item:
     init_image: np.ndarray | None = None
     mask: np.ndarray | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    fresh: np.ndarray | None = None
 
     def digest(self, h: Any) -> None:
         """Feed what makes this item's pixels into hash ``h``."""
@@ -266,6 +274,8 @@ class Item:
             h.update(np.ascontiguousarray(arr).tobytes())
         for arr in (self.init_image, self.mask):
             h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
+        if self.fresh is not None:  # (absent from the digest of items without, as before it existed)
+            h.update(b"fresh" + np.packbits(np.asarray(self.fresh, bool)).tobytes())
 
 
 def _items_sha256(items: Sequence[Item]) -> str:
@@ -486,6 +496,8 @@ class Synthesizer:
                 kw["strength"] = o.strength
             if any(it.mask is not None for it in items):
                 kw["mask"] = [np.ones(it.layout.shape, np.float32) if it.mask is None else it.mask for it in items]
+            if o.strength is not None and any(it.fresh is not None for it in items):
+                kw["fresh"] = [np.zeros(it.layout.shape, np.float32) if it.fresh is None else it.fresh for it in items]
             out = self.model.sample([it.layout for it in items], steps=o.steps, guidance=o.guidance, seed=seeds,
                                     sampler=o.sampler, progress=progress, **kw)
         elif self.family == "joint":
@@ -633,8 +645,20 @@ def plan_items(synth: Synthesizer, options: SynthesisOptions, source: Any = None
         summary.update(info)
     if o.strength is not None and any(im is None for im in images):
         raise ValueError("partial noising (strength) starts from each source image, but the source has none")
-    return [Item(i, o.seed + i, l, init_image=images[i] if o.strength is not None else None,
-                 provenance={"mode": o.mode, **p}) for i, (l, p) in enumerate(zip(edited, provs))]
+    if o.strength is None:
+        return [Item(i, o.seed + i, l, provenance={"mode": o.mode, **p}) for i, (l, p) in enumerate(zip(edited, provs))]
+    return [Item(i, o.seed + i, new, init_image=images[i], fresh=changed_pixels(old, new),
+                 provenance={"mode": o.mode, **p, **({"fresh_margin": FRESH_MARGIN} if o.mode != "layout" else {})})
+            for i, (old, new, p) in enumerate(zip(layouts, edited, provs))]
+
+
+def changed_pixels(source: Layout, edited: Layout) -> np.ndarray | None:
+    """bool (H, W): where ``edited`` differs from ``source`` (:func:`nucsynth.edit.edited_region`),
+    grown by :data:`FRESH_MARGIN` px; None when nothing changed. A DiffMix rendering starts
+    these pixels from pure noise, so the image shows the edited nuclei and not the ones they
+    replaced."""
+    region = edited_region(source, edited, margin=FRESH_MARGIN)
+    return region if region.any() else None
 
 
 # ---------------------------------------------------------------------- jobs
@@ -885,7 +909,14 @@ def rerender(sample: Sample, checkpoint: str | Path | None = None, device: Any =
     if synth.family == "semantic":
         item.layout = sample.layout
         if options.strength is not None:
-            item.init_image = source_image if source_image is not None else _source_image(prov)
+            margin = prov.get("fresh_margin")  # set when the edited nuclei were rendered from pure noise
+            image, source_layout = _source_sample(prov) if source_image is None or margin is not None else (None, None)
+            item.init_image = source_image if source_image is not None else image
+            if item.init_image is None:
+                raise ValueError(f"source {prov['source']} has no images: pass source_image")
+            if margin is not None:
+                region = edited_region(synth.in_model_classes([source_layout])[0], sample.layout, margin=int(margin))
+                item.fresh = region if region.any() else None
     elif synth.family == "joint":
         from nucsynth.io.sources import read_layout_source
 
@@ -904,14 +935,15 @@ def rerender(sample: Sample, checkpoint: str | Path | None = None, device: Any =
     return Sample(out.layout, out.image, {**prov, **{k: out.provenance[k] for k in ("device", "torch_threads")}})
 
 
-def _source_image(prov: Mapping[str, Any]) -> np.ndarray:
+def _source_sample(prov: Mapping[str, Any]) -> tuple[np.ndarray | None, Layout]:
+    """(image or None, layout) of the source patch a sample was rendered from (``source``
+    and ``source_index`` of its provenance)."""
     from nucsynth.io.sources import read_layout_source
 
     if not prov.get("source"):
-        raise ValueError("this sample was rendered from a source image and its provenance names no source: "
-                         "pass source_image")
+        raise ValueError("this sample was rendered from a source patch and its provenance names no source: "
+                         "pass source_image (and keep the source for an edited layout)")
     src = read_layout_source(prov["source"])
-    image = src.images[int(prov.get("source_index", 0))]
-    if image is None:
-        raise ValueError(f"source {prov['source']} has no images")
-    return image
+    index = int(prov.get("source_index", 0))
+    entry = src.items[index]
+    return src.images[index], entry.layout if isinstance(entry, Sample) else entry

@@ -181,6 +181,7 @@ def sample(
     device: torch.device | str | None = None,
     clip_x0: bool = True,
     spacing: str | None = None,
+    fresh: Tensor | np.ndarray | None = None,
 ) -> Tensor:
     """Draw samples (B, C, H, W) in the data scale ([-1, 1]) from ``model_fn``.
 
@@ -212,6 +213,12 @@ def sample(
         spacing: how an int ``steps`` is spread over the chain (``"uniform"``,
             ``"quadratic"``, ``"logsnr"``); default per method: logsnr for dpm++2m,
             quadratic for ddim, uniform for ancestral (see docs/diffusion.md).
+        fresh: with ``init_image`` and a partial ``strength``: 1 = start these pixels from
+            pure noise (e.g. where an edit changed the layout, so nothing of the old image
+            survives there), 0 = from ``init_image`` noised to ``strength``; same shapes
+            as ``mask``, not together with it. The run walks the whole chain of ``steps``;
+            the 0 pixels are held at ``init_image`` noised to the current level until the
+            chain reaches the ``strength`` level, then everything is denoised together.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
@@ -235,6 +242,15 @@ def sample(
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"strength must lie in [0, 1], got {strength}")
         m = _prepare_mask(mask, shape, dev) if mask is not None else None
+    held, release = None, -1  # fresh: the pixels held at the noised image, and the last index holding them
+    if fresh is not None:
+        if init is None or strength is None or mask is not None:
+            raise ValueError("fresh needs an init_image and a strength, and cannot be combined with a mask")
+        f = _prepare_mask(fresh, shape, dev)
+        if float(strength) < 1.0 and bool(f.any()):  # (no fresh pixel: plain partial noising)
+            held = 1 - f
+            release = _release_index(diffusion, steps, spacing, float(strength))
+            strength = 1.0  # the whole chain: the fresh pixels start from pure noise
     process = plan_process(diffusion, steps, spacing, None if strength is None else float(strength))
     if process is None:
         return init.clone()
@@ -244,6 +260,8 @@ def sample(
     x = process.q_sample(init, start, noise) if partial else noise
     if m is not None:
         x = m * x + (1 - m) * process.q_sample(init, start, randn(shape, generator, dev))
+    if held is not None and start >= release >= 0:
+        x = (1 - held) * x + held * process.q_sample(init, start, randn(shape, generator, dev))
     stepper = Stepper(process, method=method, eta=eta, clip_x0=clip_x0)
     total = start + 1
     for k, i in enumerate(range(start, -1, -1), start=1):
@@ -254,6 +272,17 @@ def sample(
                 x = torch.where(m.expand(shape) == 0, init, m * x + (1 - m) * init)
             else:
                 x = m * x + (1 - m) * process.q_sample(init, i - 1, randn(shape, generator, dev))
+        if held is not None and i - 1 >= release >= 0:  # still above the strength level: hold
+            x = (1 - held) * x + held * process.q_sample(init, i - 1, randn(shape, generator, dev))
         if progress is not None:
             progress(k, total)
     return x
+
+
+def _release_index(diffusion: GaussianDiffusion, steps: int | Sequence[int], spacing: str, strength: float) -> int:
+    """Index in the full respaced chain where a run at ``strength`` would start (its first
+    timestep at or below the strength level t_s = round(s (T - 1))); -1 = none (nothing held)."""
+    full = diffusion.respaced(steps, spacing) if isinstance(steps, (int, np.integer)) else diffusion.respaced(steps)
+    last = int(round(strength * (diffusion.num_timesteps - 1)))
+    below = np.flatnonzero(full.timesteps <= diffusion.timesteps[last])
+    return int(below[-1]) if below.size else -1

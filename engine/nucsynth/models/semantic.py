@@ -256,16 +256,17 @@ def _images_tensor(images: Any, n: int, shape: tuple[int, int]) -> torch.Tensor:
     return t / 127.5 - 1.0
 
 
-def _mask_tensor(mask: Any, n: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Mask(s) (H, W), (B, H, W) or a list, 1 = regenerate -> float (B, 1, H, W)."""
+def _mask_tensor(mask: Any, n: int, shape: tuple[int, int], what: str = "mask") -> torch.Tensor:
+    """Mask(s) (H, W), (B, H, W) or a list, 1 = regenerate -> float (B, 1, H, W); ``what``
+    names the argument in errors."""
     arrs = [np.asarray(m) for m in mask] if isinstance(mask, (list, tuple)) else list(np.asarray(mask)[None] if np.ndim(mask) == 2 else np.asarray(mask))
     if len(arrs) == 1 and n > 1:
         arrs = arrs * n
     if len(arrs) != n or any(a.shape != shape for a in arrs):
-        raise ValueError(f"mask must be (H, W) = {shape} (one, or one per layout); got {[a.shape for a in arrs]}")
+        raise ValueError(f"{what} must be (H, W) = {shape} (one, or one per layout); got {[a.shape for a in arrs]}")
     m = np.stack(arrs).astype(np.float32)
     if m.size and (m.min() < 0 or m.max() > 1):
-        raise ValueError("mask values must lie in [0, 1] (1 = regenerate, 0 = keep)")
+        raise ValueError(f"{what} values must lie in [0, 1] (1 = regenerate, 0 = keep)")
     return torch.from_numpy(m)[:, None]
 
 
@@ -470,6 +471,7 @@ class SemanticModel(ModelFamily):
         strength: float | None = None,
         mask: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
+        fresh: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] for condition maps ``cond`` (B, K+2, H, W) with
         ``net`` (e.g. the all-zero null condition); :meth:`sample` wraps it for Layouts.
@@ -478,18 +480,19 @@ class SemanticModel(ModelFamily):
 
         A latent model encodes ``init_image``, denoises latents under the area-averaged
         condition (a latent position is regenerated where any of its f x f pixels is in
-        ``mask``), decodes (label-aware decoders see the full-resolution ``cond``) and, with a
-        mask, blends into ``init_image`` in pixel space with a 2 px feathered seam (kept
-        pixels unchanged)."""
+        ``mask``; likewise for ``fresh``), decodes (label-aware decoders see the
+        full-resolution ``cond``) and, with a mask, blends into ``init_image`` in pixel space
+        with a 2 px feathered seam (kept pixels unchanged)."""
         if not self.is_latent:
-            return self._denoise(net, cond, steps, guidance, seed, sampler, init_image, strength, mask, progress)
+            return self._denoise(net, cond, steps, guidance, seed, sampler, init_image, strength, mask, progress, fresh)
         dev = next(net.parameters()).device
         cond = cond.to(dev).float()
         f = self.config.latent_factor
         init_z = None if init_image is None else self.encode_images(init_image.to(dev))
         mask_z = None if mask is None else F.max_pool2d(mask.to(dev).float(), f)
+        fresh_z = None if fresh is None else F.max_pool2d(fresh.to(dev).float(), f)
         z = self._denoise(net, self.latent_condition(cond), steps, guidance, seed, sampler, init_z, strength, mask_z,
-                          progress)
+                          progress, fresh_z)
         image = self.decode_latents(z, cond)
         if mask is not None:
             image = _feathered_blend(image, init_image.to(dev).float(), mask.to(dev).float())
@@ -507,6 +510,7 @@ class SemanticModel(ModelFamily):
         strength: float | None = None,
         mask: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
+        fresh: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The diffusion state (B, C, h, w) denoised under ``cond`` at the state's resolution:
         images in pixel space (C = 3), scaled latents in latent space (C = z, not clipped)."""
@@ -541,6 +545,7 @@ class SemanticModel(ModelFamily):
                     init_image=None if init_image is None else init_image.to(dev),
                     strength=strength, mask=None if mask is None else mask.to(dev),
                     progress=progress, device=dev, clip_x0=not self.is_latent,
+                    fresh=None if fresh is None else fresh.to(dev),
                 )
         finally:
             net.train(was_training)
@@ -556,6 +561,7 @@ class SemanticModel(ModelFamily):
         strength: float | None = None,
         mask: Any = None,
         progress: Callable[[int, int], None] | None = None,
+        fresh: Any = None,
     ) -> list[Sample]:
         """Render one image per Layout; returns Samples with provenance.
 
@@ -567,7 +573,10 @@ class SemanticModel(ModelFamily):
         ``sampler``: ``"dpm++2m"`` (good at 10-25 steps), ``"ddim"`` or ``"ancestral"``.
         ``init_image`` (uint8 (H, W, 3), one or one per layout) with ``strength`` in [0, 1]:
         partial noising of that image, then denoising under the layout (DiffMix / SDEdit);
-        with ``mask`` (1 = regenerate): only the masked region changes. ``progress(i, n)``
+        with ``mask`` (1 = regenerate): only the masked region changes; with ``fresh``
+        ((H, W) per layout, 1 = start from pure noise): those pixels keep nothing of the
+        image, e.g. the nuclei a DiffMix edit changed (:func:`nucsynth.diffusion.sample`).
+        ``progress(i, n)``
         after each step; raise in it to cancel. ``seed``: int s (layout i gets seed s + i)
         or one per layout; a layout rendered alone with its seed gives the pixels it got in
         a batch (on CPU; see :mod:`nucsynth.diffusion.noise`). Same seed + inputs + device
@@ -590,13 +599,14 @@ class SemanticModel(ModelFamily):
             raise ValueError(f"steps must be >= 1, got {steps}")
         init = None if init_image is None else _images_tensor(init_image, len(lays), shape)
         m = None if mask is None else _mask_tensor(mask, len(lays), shape)
-        if init is None and (strength is not None or m is not None):
-            raise ValueError("strength and mask need an init_image (the real image to start from)")
+        fr = None if fresh is None else _mask_tensor(fresh, len(lays), shape, "fresh")
+        if init is None and (strength is not None or m is not None or fr is not None):
+            raise ValueError("strength, mask and fresh need an init_image (the real image to start from)")
         seeds = row_seeds(seed, len(lays))
         if guidance is None:
             guidance = self.config.guidance
         x = self.sample_tensor(self.net, self.condition(lays), int(steps), float(guidance), seeds, sampler,
-                                init, strength, m, progress)
+                                init, strength, m, progress, fr)
         images = to_uint8(x)
         prov = {
             "model": f"nucsynth.semantic/{self.config.preset}",
@@ -607,6 +617,7 @@ class SemanticModel(ModelFamily):
             "sampler": sampler,
             "strength": None if strength is None else float(strength),
             "masked": m is not None,
+            "fresh": fr is not None,
             "batch_size": len(lays),
         }
         return [Sample(lay, img, {**prov, "seed": seeds[i], "batch_index": i})
