@@ -3,7 +3,8 @@
 Columns: the real `val` patch (never seen in training), its layout (class colours), the
 model's rendering of that layout from noise, the DiffMix-balanced layout (abundant nuclei
 replaced by rare-class shapes from the TRAINING split's pool) and its DiffMix rendering
-(the real image noised to strength 0.55, then denoised under the edited layout).
+(the real image noised to strength 0.55, then denoised under the edited layout; the changed
+nuclei start from pure noise, as in ``nucsynth synthesize --mode balance``).
 
     python scripts/model_grid.py --store runs/consep.zarr [--checkpoint CKPT] [--out docs/images/model_grid.png]
 """
@@ -34,6 +35,7 @@ def main() -> None:
     from nucsynth.checkpoint import load_checkpoint, resolve_checkpoint
     from nucsynth.edit.balance import BalanceWarning, balance_layout, collect_rare_pool
     from nucsynth.io.store import DatasetStore
+    from nucsynth.synthesize import changed_pixels
     from nucsynth.viz import layout_rgb, save_png
 
     torch.set_num_threads(args.threads)
@@ -52,7 +54,7 @@ def main() -> None:
             balanced = balance_layout(s.layout, pool, target_share=0.3, seed=args.seed + k)
         plain = model.sample([s.layout], steps=args.steps, guidance=args.guidance, seed=args.seed + k)[0].image
         mixed = model.sample([balanced], steps=args.steps, guidance=args.guidance, seed=args.seed + k,
-                             init_image=s.image, strength=args.strength)[0].image
+                             init_image=s.image, strength=args.strength, fresh=changed_pixels(s.layout, balanced))[0].image
         n_rare = int((balanced.classes == rare).sum())
         print(f"row {k}: {balanced.num_nuclei} nuclei, {n_rare} of class {store.class_set.names[rare - 1]!r} after balancing")
         gap = np.full((s.image.shape[0], 4, 3), 255, np.uint8)

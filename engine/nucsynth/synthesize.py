@@ -66,6 +66,7 @@ __all__ = [
     "SAMPLERS",
     "DIFFMIX_STRENGTH",
     "FRESH_MARGIN",
+    "changed_pixels",
     "SynthesisOptions",
     "option_fields",
     "add_option_arguments",
