@@ -18,6 +18,8 @@ decoders read the same latent space. Then:
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import json
 import time

@@ -16,6 +16,8 @@ Targets: PSNR >= 29 dB, SSIM >= 0.85, nucleus colour error < 5 grey levels.
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import json
 import time

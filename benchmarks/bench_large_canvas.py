@@ -16,6 +16,8 @@ per window and step: the cheapest CPU run).
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import resource
 import sys

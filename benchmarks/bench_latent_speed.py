@@ -19,6 +19,8 @@ Target (model issue): latent time <= 1/8 of the pixel ``tiny`` path at 256 px.
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import json
 import statistics

@@ -19,6 +19,8 @@ seconds even for the paper-scale network; measurements that time real work use
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import sys
 from typing import Callable

@@ -25,6 +25,8 @@ former 64 px pixel-space default), recovery >= 0.8.
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import hashlib
 import json

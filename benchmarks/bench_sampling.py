@@ -21,6 +21,8 @@ FLOPs per forward pass for every preset are printed by ``bench_models.py``.
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import contextlib
 import resource

@@ -16,6 +16,8 @@ training loop (nucsynth.train) on random crops with rotations/flips.
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import sys
 import tempfile

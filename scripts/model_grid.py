@@ -11,6 +11,8 @@ nuclei start from pure noise, as in ``nucsynth synthesize --mode balance``).
 
 from __future__ import annotations
 
+import nucsynth  # noqa: F401  first: the engine sets OpenMP's passive wait before torch loads (a spinning pool collapses on a busy CPU)
+
 import argparse
 import warnings
 
