@@ -231,8 +231,15 @@ def test_fresh_pixels_keep_nothing_of_the_image_and_the_rest_starts_from_it(meth
     assert (out[..., ~inside] - other[..., ~inside]).abs().mean() > 0.1  # the rest follows the image
     from_noise = run(a, strength=1.0, fresh=None)
     assert torch.equal(out[..., inside], from_noise[..., inside])  # exactly a render from pure noise there
-    partial = run(a, fresh=None)
-    assert torch.equal(run(a, fresh=np.zeros_like(fresh)), partial)  # no fresh pixel: plain partial noising
+    # a sample's pixels do not depend on its batch, also when it has no fresh pixel at all
+    pair = torch.cat([a, c])
+    both = sample(d, model, pair.shape, 10, method=method, init_image=pair, strength=0.5,
+                  fresh=np.stack([fresh, np.zeros_like(fresh)]),
+                  generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    assert torch.equal(both[:1], out)
+    alone = sample(d, model, c.shape, 10, method=method, init_image=c, strength=0.5, fresh=np.zeros_like(fresh),
+                   generator=[torch.Generator().manual_seed(1)])
+    assert torch.equal(both[1:], alone)
     with pytest.raises(ValueError, match="fresh needs an init_image and a strength"):
         sample(d, model, a.shape, 10, init_image=a, mask=fresh, fresh=fresh)
 

@@ -224,8 +224,8 @@ def test_guidance_default_follows_what_the_model_learned(ckpts, tmp_path, source
 def test_diffmix_renders_the_nuclei_an_edit_changed_from_pure_noise(ckpts, source):
     """Balance / enlarge items carry the pixels their edit changed (grown by FRESH_MARGIN) as
     ``fresh``: there the rendering keeps nothing of the source image, so the nuclei an edit
-    removed do not stay visible under the new layout. Unedited items and plain layout
-    renders carry none."""
+    removed do not stay visible under the new layout (an unedited item an empty region);
+    plain layout renders carry none. A sample's pixels do not depend on its batch."""
     from nucsynth.edit.region import edited_region
 
     synth = get_synthesizer(ckpts["semantic"], "cpu")
@@ -233,21 +233,22 @@ def test_diffmix_renders_the_nuclei_an_edit_changed_from_pure_noise(ckpts, sourc
     for mode in ("balance", "enlarge"):
         opts = synth.resolve(SynthesisOptions(steps=2, mode=mode, border=2))
         items = plan_items(synth, opts, src)
-        assert any(it.fresh is not None for it in items)
-        for it, s in zip(items, src):
-            changed = edited_region(s.layout, it.layout, margin=FRESH_MARGIN)
-            assert (it.fresh is None) == (not changed.any())
-            if it.fresh is not None:
-                np.testing.assert_array_equal(it.fresh, changed)
-                assert it.provenance["fresh_margin"] == FRESH_MARGIN
+        assert any(it.fresh.any() for it in items)
+        for it, s in zip(items, src):  # unedited patches carry an empty region: same path alone or in a batch
+            np.testing.assert_array_equal(it.fresh, edited_region(s.layout, it.layout, margin=FRESH_MARGIN))
+            assert it.provenance["fresh_margin"] == FRESH_MARGIN
     opts = synth.resolve(SynthesisOptions(steps=2, mode="layout", strength=0.5))
     assert all(it.fresh is None and "fresh_margin" not in it.provenance for it in plan_items(synth, opts, src))
     opts = synth.resolve(SynthesisOptions(steps=2, mode="balance", border=2))
-    item = next(it for it in plan_items(synth, opts, src) if it.fresh is not None)
+    item = next(it for it in plan_items(synth, opts, src) if it.fresh.any())
     with_fresh = synth.render([item], opts)[0]
     without = synth.render([dataclasses.replace(item, fresh=None)], opts)[0]
     assert with_fresh.provenance["fresh"] and not without.provenance["fresh"]
     assert not np.array_equal(with_fresh.image, without.image)
+    items = plan_items(synth, opts, src)[:3]
+    batch = synth.render(items, opts)
+    for it, s in zip(items, batch):
+        np.testing.assert_array_equal(synth.render([it], opts)[0].image, s.image)
 
 
 def test_a_checkpoint_carries_the_guidance_it_renders_with(ckpts, tmp_path, source):

@@ -648,18 +648,21 @@ def plan_items(synth: Synthesizer, options: SynthesisOptions, source: Any = None
         raise ValueError("partial noising (strength) starts from each source image, but the source has none")
     if o.strength is None:
         return [Item(i, o.seed + i, l, provenance={"mode": o.mode, **p}) for i, (l, p) in enumerate(zip(edited, provs))]
+    if o.mode == "layout":
+        return [Item(i, o.seed + i, l, init_image=images[i], provenance={"mode": o.mode, **p})
+                for i, (l, p) in enumerate(zip(edited, provs))]
     return [Item(i, o.seed + i, new, init_image=images[i], fresh=changed_pixels(old, new),
-                 provenance={"mode": o.mode, **p, **({"fresh_margin": FRESH_MARGIN} if o.mode != "layout" else {})})
+                 provenance={"mode": o.mode, **p, "fresh_margin": FRESH_MARGIN})
             for i, (old, new, p) in enumerate(zip(layouts, edited, provs))]
 
 
-def changed_pixels(source: Layout, edited: Layout) -> np.ndarray | None:
+def changed_pixels(source: Layout, edited: Layout) -> np.ndarray:
     """bool (H, W): where ``edited`` differs from ``source`` (:func:`nucsynth.edit.edited_region`),
-    grown by :data:`FRESH_MARGIN` px; None when nothing changed. A DiffMix rendering starts
-    these pixels from pure noise, so the image shows the edited nuclei and not the ones they
-    replaced."""
-    region = edited_region(source, edited, margin=FRESH_MARGIN)
-    return region if region.any() else None
+    grown by :data:`FRESH_MARGIN` px (all False for an unedited patch, which still renders
+    on the same path so that its pixels do not depend on its batch). A DiffMix rendering
+    starts these pixels from pure noise, so the image shows the edited nuclei and not the
+    ones they replaced."""
+    return edited_region(source, edited, margin=FRESH_MARGIN)
 
 
 # ---------------------------------------------------------------------- jobs
@@ -916,8 +919,7 @@ def rerender(sample: Sample, checkpoint: str | Path | None = None, device: Any =
             if item.init_image is None:
                 raise ValueError(f"source {prov['source']} has no images: pass source_image")
             if margin is not None:
-                region = edited_region(synth.in_model_classes([source_layout])[0], sample.layout, margin=int(margin))
-                item.fresh = region if region.any() else None
+                item.fresh = edited_region(synth.in_model_classes([source_layout])[0], sample.layout, margin=int(margin))
     elif synth.family == "joint":
         from nucsynth.io.sources import read_layout_source
 

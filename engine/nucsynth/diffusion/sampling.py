@@ -218,7 +218,9 @@ def sample(
             survives there), 0 = from ``init_image`` noised to ``strength``; same shapes
             as ``mask``, not together with it. The run walks the whole chain of ``steps``;
             the 0 pixels are held at ``init_image`` noised to the current level until the
-            chain reaches the ``strength`` level, then everything is denoised together.
+            chain reaches the ``strength`` level, then everything is denoised together
+            (an all-zero ``fresh`` takes that path too, so a sample comes out the same
+            alone or in a batch with others that have fresh pixels).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
@@ -246,9 +248,8 @@ def sample(
     if fresh is not None:
         if init is None or strength is None or mask is not None:
             raise ValueError("fresh needs an init_image and a strength, and cannot be combined with a mask")
-        f = _prepare_mask(fresh, shape, dev)
-        if float(strength) < 1.0 and bool(f.any()):  # (no fresh pixel: plain partial noising)
-            held = 1 - f
+        if float(strength) < 1.0:  # (also with no fresh pixel: a sample's pixels must not depend on its batch)
+            held = 1 - _prepare_mask(fresh, shape, dev)
             release = _release_index(diffusion, steps, spacing, float(strength))
             strength = 1.0  # the whole chain: the fresh pixels start from pure noise
     process = plan_process(diffusion, steps, spacing, None if strength is None else float(strength))
