@@ -19,7 +19,8 @@ Three pieces, used in this order::
   with ``strength``, or only a masked region), ``joint`` renders from the layouts' points,
   ``structure`` generates layouts and renders them with its NuDiff stage-2 image checkpoint.
   :meth:`Synthesizer.resolve` fills the model-dependent defaults (guidance: the one the
-  checkpoint records, else the family's, or 0 and refused above 0 for a model that never learned the null condition; strength:
+  checkpoint records, else the family's, or 0 and refused above 0 for a model that never
+  learned the null condition; strength:
   0.55 for DiffMix balance / enlarge when the source has images) and refuses options the
   family cannot use.
 - :func:`plan_items`: the :class:`Item` list of a job: the edited layouts (DiffMix balance
