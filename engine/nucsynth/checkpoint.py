@@ -619,16 +619,14 @@ def export_checkpoint(src: str | Path, dst: str | Path, overwrite: bool = False,
 
 def _record_guidance(model: ModelFamily, cfg: Mapping[str, Any], guidance: float, where: Path) -> None:
     """Set the default guidance of ``model`` (a family whose config has one), after checks."""
-    from nucsynth.synthesize import learned_null
+    from nucsynth.synthesize import learned_null, refuse_unlearned_guidance
 
     if not hasattr(model.config, "guidance"):
         raise ValueError(f"guidance= applies to models that record a default guidance (semantic); {where} is a "
                          f"{model.name!r} model")
     if not math.isfinite(guidance) or guidance < -1.0:
         raise ValueError(f"guidance must be a number >= -1 (0 = conditional model only), got {guidance}")
-    if guidance != 0.0 and learned_null(cfg) is False:
-        raise ValueError(f"guidance {guidance} needs a model that learned the null condition; {where} was trained "
-                         "with the condition always given (cond_drop 0)")
+    refuse_unlearned_guidance(guidance, learned_null(cfg), where)
     model.config.guidance = guidance
 
 

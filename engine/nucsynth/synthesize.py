@@ -251,6 +251,15 @@ def learned_null(config: Mapping[str, Any]) -> bool | None:
     return any(d > 0 for d in drops)
 
 
+def refuse_unlearned_guidance(guidance: float, learned: bool | None, where: Any) -> None:
+    """ValueError when ``guidance`` is not 0 but the network at ``where`` never learned the
+    null condition (``learned`` is :func:`learned_null` of its config; None = unknown)."""
+    if guidance != 0.0 and learned is False:
+        raise ValueError(f"guidance {guidance} needs a model that learned the null condition; {where} was trained "
+                         "with the condition always given (cond_drop 0): use guidance 0, or train with "
+                         "--cond-drop / --finetune-steps")
+
+
 # ---------------------------------------------------------------------- items
 @dataclass
 class Item:
@@ -399,10 +408,8 @@ class Synthesizer:
         model, _, where = self._renderer()
         if guidance is None:
             guidance = self.default_guidance()
-        elif float(guidance) != 0.0 and self.learned_null() is False:
-            raise ValueError(f"guidance {guidance} needs a model that learned the null condition; {where} was trained "
-                             "with the condition always given (cond_drop 0): use guidance 0, or train with "
-                             "--cond-drop / --finetune-steps")
+        else:
+            refuse_unlearned_guidance(float(guidance), self.learned_null(), where)
         strength = options.strength
         if strength is None and options.mode != "layout" and has_images:
             strength = DIFFMIX_STRENGTH
