@@ -67,6 +67,40 @@ def test_training_is_deterministic_for_a_seed(samples):
     assert not torch.equal(init3.stem[0].weight, init4.stem[0].weight)
 
 
+def test_training_in_micro_batches_gives_the_same_weights_on_one_thread_or_two(samples):
+    from nucsynth.threads import set_threads
+
+    cfg = tiny_config(steps=3, batch_size=4, micro_batches=2)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            set_threads(threads)
+            runs.append(S.train_segmenter(samples, cfg, seed=5))
+            assert torch.get_num_threads() == threads  # the workers' count is not left behind
+    finally:
+        set_threads(before)
+    (a, log_a), (b, log_b) = runs
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert log_a == log_b
+    # One pass over the whole batch trains the same model up to float rounding.
+    whole, log_whole = S.train_segmenter(samples, tiny_config(steps=1, batch_size=4), seed=5)
+    assert log_whole[0]["loss"] == pytest.approx(log_a[0]["loss"], rel=1e-5)
+
+
+def test_micro_batches_are_validated_and_presets_fit_them_to_a_smaller_batch():
+    for bad in (0, 3, True):
+        with pytest.raises(ValueError, match="micro_batches must be a whole number from 1 to the batch size 2"):
+            tiny_config(micro_batches=bad)
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        tiny_config(batch_size=0)
+    assert S.segmenter_preset("cpu", 4).micro_batches == S.CPU_MICRO_BATCHES == 2
+    assert S.segmenter_preset("cpu", 4, batch_size=1).micro_batches == 1
+    assert S.segmenter_preset("base", 4).micro_batches == 1  # the GPU preset: one pass
+    assert S.SegmenterConfig.from_dict({"num_classes": 4}).micro_batches == 1  # configs saved before the field
+
+
 def test_training_refuses_mismatched_classes(samples):
     with pytest.raises(ValueError, match="classes"):
         S.train_segmenter(samples, S.SegmenterConfig(num_classes=2, widths=(8, 16), steps=1))
@@ -198,8 +232,9 @@ def test_the_shipped_segmenter_loads_and_carries_its_reference():
     assert (S.DEFAULT_SEGMENTER / "model.safetensors").stat().st_size < 8_000_000  # a few MB
     lay = S.predict_layouts(net, [procedural_sample((64, 64), seed=0).image], cs)[0]
     assert lay.shape == (64, 64)
-    # it was trained with the cpu preset (the yardstick), its post-processing tuned
-    cpu = S.segmenter_preset("cpu", 4, postprocess=net.config.postprocess)
+    # it was trained with the cpu preset (the yardstick), its post-processing tuned, in one
+    # pass per batch: it predates micro-batches, which change the weights only by rounding
+    cpu = S.segmenter_preset("cpu", 4, postprocess=net.config.postprocess, micro_batches=1)
     assert net.config.to_dict() == cpu.to_dict() and extra["preset"] == "cpu"
 
 

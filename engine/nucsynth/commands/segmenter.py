@@ -190,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"checkpoint {path}", file=sys.stderr, flush=True)
 
     print(f"training the {args.preset} segmenter on {len(data)} patches of {args.data} ({args.split}), {config.steps} steps, "
-          f"{device}, {threads} thread(s)", file=sys.stderr, flush=True)
+          f"{device}, {threads} thread(s){_micro_batch_note(config, device)}", file=sys.stderr, flush=True)
     net, log = train_segmenter(data, config, seed=args.seed, device=device, progress=progress,
                                checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -199,6 +199,13 @@ def _train(args: argparse.Namespace) -> int:
     print(f"segmenter written to {args.out} (loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; {_minutes(wall)} wall, "
           f"{_minutes(cpu)} of CPU time)")
     return 0
+
+
+def _micro_batch_note(config: Any, device: Any) -> str:
+    """How a batch runs, for the start line: micro-batches on CPU, one pass elsewhere."""
+    if device.type != "cpu" or config.micro_batches == 1:
+        return ""
+    return f", {config.micro_batches} micro-batches per batch on worker threads"
 
 
 def _minutes(seconds: float) -> str:

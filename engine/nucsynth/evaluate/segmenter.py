@@ -13,6 +13,8 @@ log) in one folder, written atomically; never pickle.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from nucsynth.data.tiling import crop_to_source
 from nucsynth.layout import ClassSet, Layout, Sample
+from nucsynth.micro_batches import MicroBatches
 from nucsynth.postprocess import hv_watershed
 
 __all__ = [
@@ -87,6 +90,12 @@ class SegmenterConfig:
     # eosin and DAB optical densities scaled by 1 +- strength and shifted by +- strength;
     # 0 = none.
     stain_jitter: float = 0.0
+    # On CPU, each batch runs through the network as this many micro-batches on worker
+    # threads (nucsynth.micro_batches): the loss stays the whole batch's, and with at most
+    # this many threads the weights do not depend on the thread count. On a busy machine it
+    # keeps two threads faster than one, where splitting every operation did not. 1 = the
+    # whole batch in one pass on torch's intra-op threads (the only way on other devices).
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -109,6 +118,12 @@ class SegmenterConfig:
             raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
         if not 0.0 <= self.stain_jitter < 1.0:
             raise ValueError(f"stain_jitter must be in [0, 1), got {self.stain_jitter}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or \
+                not 1 <= self.micro_batches <= self.batch_size:
+            raise ValueError(f"micro_batches must be a whole number from 1 to the batch size {self.batch_size}, "
+                             f"got {self.micro_batches!r}")
         allowed = _watershed_options()
         unknown = sorted(set(self.postprocess) - allowed)
         if unknown:
@@ -159,13 +174,16 @@ TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marke
 # HED stain jitter, and the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder
 # the type branch's loss dominated (HV terms 0.07 of 1.2), and merged nuclei were the main
 # error (docs/metrics.md).
+# The CPU presets' micro-batches per batch: two threads each run whole micro-batches, so a
+# busy machine does not stall them at every operation (docs/benchmarks.md).
+CPU_MICRO_BATCHES = 2
 QUICK: dict[str, Any] = {"widths": (16, 32, 64, 128), "blocks": 1, "decoder": "shared", "steps": 2000, "batch_size": 8,
                          "lr": 2e-3, "crop": 96, "postprocess": TINY_POSTPROCESS, "class_weighting": "sqrt",
-                         "rare_boost": 3.0, "color_jitter": 0.1}
+                         "rare_boost": 3.0, "color_jitter": 0.1, "micro_batches": CPU_MICRO_BATCHES}
 HV_WEIGHTED_LOSS: dict[str, float] = {"np_ce": 1.0, "np_dice": 1.0, "hv_mse": 4.0, "hv_msge": 8.0, "tp_ce": 1.0, "tp_dice": 1.0}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": (16, 32, 64, 128), "blocks": 1, "steps": 1000, "batch_size": 4, "lr": 2e-3, "crop": 96,
-             "postprocess": TINY_POSTPROCESS},
+             "postprocess": TINY_POSTPROCESS, "micro_batches": CPU_MICRO_BATCHES},
     "quick": QUICK,
     "cpu": {**QUICK, "blocks": 2, "steps": 4000, "stain_jitter": 0.1, "loss_weights": HV_WEIGHTED_LOSS},
     "base": {"widths": (32, 64, 128, 256, 512), "blocks": 2, "steps": 20000, "batch_size": 16, "lr": 1e-3, "crop": 256,
@@ -180,6 +198,8 @@ def segmenter_preset(name: str, num_classes: int, **overrides: Any) -> Segmenter
         raise ValueError(f"unknown segmenter preset {name!r}; choose one of {sorted(PRESETS)}")
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
     d.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("micro_batches") is None and "batch_size" in d:
+        d["micro_batches"] = min(d.get("micro_batches", 1), d["batch_size"])  # a smaller batch than the preset's
     return SegmenterConfig(num_classes=num_classes, **d)
 
 
@@ -398,7 +418,9 @@ def train_segmenter(
 
     Batches are drawn with a ``torch.Generator`` seeded by ``seed`` and augmented by
     :class:`nucsynth.data.dataset.SampleDataset` (rot/flip + crop, HV signs exact), so a
-    fixed seed on a fixed device gives the same weights. Returns (net in eval mode, log of
+    fixed seed on a fixed device gives the same weights. On CPU with ``config.micro_batches``
+    > 1 the batch runs as micro-batches on worker threads (:class:`nucsynth.micro_batches.MicroBatches`),
+    and the weights are also the same for any thread count up to ``micro_batches``. Returns (net in eval mode, log of
     losses every step). ``progress(step, steps, loss)`` is called after each step, and
     ``checkpoint(step, net)`` every ``checkpoint_every`` steps (0 = never; the net stays in
     training mode: copy what you keep).
@@ -430,30 +452,42 @@ def train_segmenter(
     gen = torch.Generator().manual_seed(seed)
     log: list[dict[str, float]] = []
     per_epoch = max(1, len(data) // config.batch_size)
-    for step in range(config.steps):
-        data.set_epoch(step // per_epoch)
-        idx = torch.multinomial(draw_p, config.batch_size, replacement=True, generator=gen).tolist()
-        items = [data[i] for i in idx]
-        batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
-        if config.stain_jitter > 0:
-            batch["image"] = _stain_jitter(batch["image"], config.stain_jitter, gen)
-        if config.color_jitter > 0:
-            batch["image"] = _color_jitter(batch["image"], config.color_jitter, gen)
-        image, pad = _pad_to(batch["image"], config.multiple)
-        image = image.contiguous(memory_format=fmt)
-        out = {k: _unpad(v, pad) for k, v in net(image).items()}
-        loss, terms = segmenter_loss(out, batch, config.loss_weights, class_weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        terms["loss"] = float(loss.detach())
-        log.append(terms)
-        if progress is not None:
-            progress(step + 1, config.steps, terms["loss"])
-        if checkpoint is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-            checkpoint(step + 1, net)
+    in_micro_batches = dev.type == "cpu" and config.micro_batches > 1
+    with MicroBatches(config.micro_batches) if in_micro_batches else contextlib.nullcontext() as micro:
+        for step in range(config.steps):
+            data.set_epoch(step // per_epoch)
+            idx = torch.multinomial(draw_p, config.batch_size, replacement=True, generator=gen).tolist()
+            items = [data[i] for i in idx]
+            batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+            if config.stain_jitter > 0:
+                batch["image"] = _stain_jitter(batch["image"], config.stain_jitter, gen)
+            if config.color_jitter > 0:
+                batch["image"] = _color_jitter(batch["image"], config.color_jitter, gen)
+            image, pad = _pad_to(batch["image"], config.multiple)
+            image = image.contiguous(memory_format=fmt)
+            loss_fn = functools.partial(_padded_loss, pad=pad, batch=batch, weights=config.loss_weights,
+                                        class_weights=class_weights)
+            if micro is None:
+                opt.zero_grad(set_to_none=True)
+                loss, terms = loss_fn(net(image))
+                loss.backward()
+            else:
+                loss, terms = micro.backward(net, image, loss_fn)
+            opt.step()
+            sched.step()
+            terms["loss"] = float(loss.detach())
+            log.append(terms)
+            if progress is not None:
+                progress(step + 1, config.steps, terms["loss"])
+            if checkpoint is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+                checkpoint(step + 1, net)
     return net.eval(), log
+
+
+def _padded_loss(out: dict[str, torch.Tensor], pad: tuple[int, int], batch: dict[str, torch.Tensor],
+                 weights: dict[str, float], class_weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`segmenter_loss` of outputs computed on an input padded by :func:`_pad_to`."""
+    return segmenter_loss({k: _unpad(v, pad) for k, v in out.items()}, batch, weights, class_weights)
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
