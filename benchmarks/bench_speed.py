@@ -19,9 +19,10 @@ with the load average printed, because the development machine is shared.
 - ``threads``: with ``--busy`` background processes spinning on the CPU, shipped-model
   renders through the synthesis engine (2 guided steps, at each of ``--sizes``: 256 px is
   the patch the designer and the batch dock render, 64 px a quick preview, which the engine
-  runs on one thread) and segmenter training steps (the ``tiny`` preset at batch 4, and the
-  default ``cpu`` preset) with the engine's thread policy against one thread: ratio
-  policy / one thread.
+  runs on one thread) and segmenter training steps (through ``train_segmenter``: the
+  ``tiny`` preset, and the default ``cpu`` preset in micro-batches as it trains now and in
+  one pass per batch as before) with the engine's thread policy against one thread: ratio
+  policy / one thread, and the ``cpu`` preset now against before on one thread.
 - ``scaling``: shipped model, wall time per solver step at each canvas size (canvases
   larger than the training size go through the windowed sampler); the exponent p of
   time ~ pixels^p fitted over the sizes.
@@ -152,31 +153,23 @@ def _busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def _train_step(preset: str, num_classes: int, batch_size: int | None = None):
-    """One segmenter training step of ``preset`` on a fixed random batch of its crop size."""
-    import torch
+def _training(preset: str, class_set, micro_batches: int | None = None, steps: int = 4):
+    """Segmenter training with ``preset`` through :func:`train_segmenter` (the path users run:
+    batch drawing, augmentation, the step) on procedural 128 px samples: a callable that
+    trains ``steps`` steps and returns the median time of a step after the first."""
+    from nucsynth.evaluate.segmenter import segmenter_preset, train_segmenter
+    from nucsynth.generate.tissue import procedural_sample
 
-    from nucsynth.evaluate.segmenter import _build, segmenter_loss, segmenter_preset
+    cfg = segmenter_preset(preset, class_set.num_classes, steps=steps, micro_batches=micro_batches)
+    samples = [procedural_sample((128, 128), class_set, seed=s) for s in range(8)]
 
-    cfg = segmenter_preset(preset, num_classes)
-    seg = _build(cfg, 0).train()
-    opt = torch.optim.AdamW(seg.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    b, side = batch_size or cfg.batch_size, cfg.crop
-    batch = {
-        "image": torch.rand(b, 3, side, side, generator=g) * 2 - 1,
-        "mask": (torch.rand(b, 1, side, side, generator=g) > 0.6).float(),
-        "hv": torch.rand(b, 2, side, side, generator=g) * 2 - 1,
-        "type_map": torch.randint(0, num_classes + 1, (b, side, side), generator=g),
-    }
+    def run() -> float:
+        stamps: list[float] = []
+        train_segmenter(samples, cfg, seed=0, progress=lambda *_: stamps.append(time.perf_counter()))
+        return float(np.median(np.diff(stamps)))
 
-    def step() -> None:
-        loss, _ = segmenter_loss(seg(batch["image"]), batch, cfg.loss_weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return f"segmenter train step, {preset} preset, batch {b}, {side} px", step
+    how = "one pass per batch (the former path)" if cfg.micro_batches == 1 else f"{cfg.micro_batches} micro-batches"
+    return f"segmenter train step, {preset} preset, batch {cfg.batch_size}, {cfg.crop} px, {how}", run
 
 
 def bench_threads(args) -> None:
@@ -186,7 +179,6 @@ def bench_threads(args) -> None:
 
     synth = get_synthesizer(device="cpu")
     options = synth.resolve(SynthesisOptions(steps=2, guidance=0.5))
-    k = synth.class_set.num_classes
 
     def render(size: int):
         items = [Item(0, 0, random_layout((size, size), synth.class_set, seed=0))]
@@ -195,8 +187,11 @@ def bench_threads(args) -> None:
 
     policy = default_threads()
     works = [render(size) for size in args.sizes]
-    works += [_train_step("tiny", k, 4), _train_step("cpu", k)]  # tiny: the step of earlier runs; cpu: the default
+    # tiny: the step of earlier runs; cpu: the default (the downstream yardstick), as the
+    # presets train now and in one pass per batch as they did before
+    works += [_training("tiny", synth.class_set), _training("cpu", synth.class_set), _training("cpu", synth.class_set, 1)]
     busy = _busy(args.busy)
+    medians: dict[str, dict[int, float]] = {}
     try:
         time.sleep(1.0)
         print(f"threads: {args.busy} busy background processes; policy {policy} threads ({available_cpus()} "
@@ -210,14 +205,18 @@ def bench_threads(args) -> None:
                 for n in ((policy, 1) if r % 2 == 0 else (1, policy)):
                     set_threads(n)
                     t0 = time.perf_counter()
-                    fn()
-                    times[n].append(time.perf_counter() - t0)
-            a, b = float(np.median(times[policy])), float(np.median(times[1]))
+                    measured = fn()  # training measures its own steps; a render is timed whole
+                    times[n].append(measured if isinstance(measured, float) else time.perf_counter() - t0)
+            medians[name] = {n: float(np.median(t)) for n, t in times.items()}
+            a, b = medians[name][policy], medians[name][1]
             print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.3f} |", flush=True)
     finally:
         for p in busy:
             p.kill()
             p.wait()
+    new, old = works[-2][0], works[-1][0]
+    print(f"cpu preset, now on the policy's threads / before on one thread: "
+          f"{medians[new][policy] / medians[old][1]:.3f}; on one thread, now / before: {medians[new][1] / medians[old][1]:.3f}")
     print(f"at the end: {_load()}")
 
 
