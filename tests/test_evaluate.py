@@ -78,6 +78,15 @@ def test_downstream_refuses_bad_arguments(stores, tmp_path):
     assert main(base + ["--test-split", "nope"]) == 2
     assert main(base + ["--seeds", "0"]) == 2
     assert main(base + ["--tune-every", "-1"]) == 2
+    assert main(base + ["--batch-size", "2", "--micro-batches", "4"]) == 2  # more micro-batches than samples
+    assert not (tmp_path / "x").exists()
+
+
+def test_downstream_records_how_its_segmenters_split_a_batch(stores, tmp_path):
+    real, _ = stores
+    got = _run_downstream(real, tmp_path / "m", "--fractions", "1.0", "--seeds", "1", "--micro-batches", "1",
+                          "--tune-every", "0")
+    assert got["segmenter"]["micro_batches"] == 1
 
 
 def test_fidelity_scores_each_sample(stores, tmp_path):

@@ -165,6 +165,8 @@ def test_cli_train_and_evaluate(tmp_path, samples, capsys):
     rc = main(["segmenter", "train", "--data", str(store), "--out", str(out), "--steps", "1",
                "--batch-size", "2", "--crop", "32", "--device", "cpu"])
     assert rc == 0 and (out / "model.safetensors").is_file()
+    assert S.load_segmenter(out)[0].config.micro_batches == 2  # the cpu preset's, recorded with the weights
+    assert "2 micro-batches per batch" in capsys.readouterr().err
     res = tmp_path / "eval.json"
     rc = main(["segmenter", "evaluate", "--model", str(out), "--data", str(store), "--json", str(res), "--device", "cpu"])
     assert rc == 0
@@ -179,9 +181,17 @@ def test_cli_train_and_evaluate(tmp_path, samples, capsys):
     net2, _, _ = S.load_segmenter(deeper)
     assert net2.config.stain_jitter == 0.05
     assert net2.config.blocks == 2 and all(len(level) == 3 for level in net2.levels[1:])  # down-sampling + 2 blocks
+    assert net2.config.micro_batches == 2
     assert main(["segmenter", "train", "--data", str(store), "--out", str(tmp_path / "bad"), "--steps", "1",
                  "--blocks", "0", "--device", "cpu"]) == 2
+    assert main(["segmenter", "train", "--data", str(store), "--out", str(tmp_path / "bad"), "--steps", "1",
+                 "--batch-size", "2", "--micro-batches", "3", "--device", "cpu"]) == 2
+    assert "micro_batches must be a whole number from 1 to the batch size 2" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    one_pass = tmp_path / "one_pass"
+    assert main(["segmenter", "train", "--data", str(store), "--out", str(one_pass), "--steps", "1", "--batch-size", "2",
+                 "--crop", "32", "--micro-batches", "1", "--device", "cpu"]) == 0
+    assert S.load_segmenter(one_pass)[0].config.micro_batches == 1
     # tune on the training split, then score per patch and per tile, and record a real-image reference
     tuned, ref = tmp_path / "tuned", tmp_path / "with_ref"
     assert main(["segmenter", "tune", "--model", str(out), "--data", str(store), "--every", "1", "--out", str(tuned),

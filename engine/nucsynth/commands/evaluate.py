@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--steps", type=int, help="training steps per run (preset default)")
     d.add_argument("--batch-size", type=int, help="batch size (preset default)")
     d.add_argument("--crop", type=int, help="training crop in px (preset default)")
+    d.add_argument("--micro-batches", type=int,
+                   help="on CPU, run each batch as N micro-batches on worker threads (same weights for any --threads up to N; "
+                        "1 = one pass per batch, as segmenters trained before micro-batches; preset default)")
     d.add_argument("--out", type=Path, required=True, help="folder for downstream.json and downstream.md")
     d.add_argument("--overwrite", action="store_true", help="replace downstream.json / downstream.md in --out")
     d.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -130,7 +133,8 @@ def _downstream(args: argparse.Namespace) -> int:
                              + (f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else "")
                              + "; use one made without those tiles, or pass --allow-leakage to report it anyway")
     subsets = _read_subsets(args.subsets, args, len(train)) if args.subsets is not None else None
-    config = segmenter_preset(args.preset, cs.num_classes, steps=args.steps, batch_size=args.batch_size, crop=args.crop)
+    config = segmenter_preset(args.preset, cs.num_classes, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+                              micro_batches=args.micro_batches)
     device = pick_device(args.device)
     journal = _downstream_journal(args, config, str(device), subsets, len(train), len(test),
                                   None if synthetic is None else len(synthetic))

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--blocks", type=int, help="residual blocks per encoder level (preset default)")
     t.add_argument("--stain-jitter", type=float,
                    help="HED stain augmentation strength: stain densities x (1 +- s) +- s (preset default)")
+    t.add_argument("--micro-batches", type=int,
+                   help="on CPU, run each batch as N micro-batches on worker threads (same weights for any --threads up to N; "
+                        "1 = one pass per batch, as segmenters trained before micro-batches; preset default)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, batches and augmentation (default 0)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     t.add_argument("--checkpoint-every", type=int, default=0,
@@ -169,7 +172,7 @@ def _train(args: argparse.Namespace) -> int:
     class_set = data[0].layout.class_set
     config = segmenter_preset(args.preset, class_set.num_classes, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, crop=args.crop, blocks=args.blocks,
-                              stain_jitter=args.stain_jitter)
+                              stain_jitter=args.stain_jitter, micro_batches=args.micro_batches)
     device = pick_device(args.device)
     threads = torch.get_num_threads()  # set by the --threads option every command has
     every = max(1, config.steps // 50)
