@@ -419,9 +419,10 @@ def train_segmenter(
     Batches are drawn with a ``torch.Generator`` seeded by ``seed`` and augmented by
     :class:`nucsynth.data.dataset.SampleDataset` (rot/flip + crop, HV signs exact), so a
     fixed seed on a fixed device gives the same weights. On CPU with ``config.micro_batches``
-    > 1 the batch runs as micro-batches on worker threads (:class:`nucsynth.micro_batches.MicroBatches`),
-    and the weights are also the same for any thread count up to ``micro_batches``. Returns (net in eval mode, log of
-    losses every step). ``progress(step, steps, loss)`` is called after each step, and
+    > 1 each batch runs as micro-batches on worker threads
+    (:class:`nucsynth.micro_batches.MicroBatches`), and the weights are also the same for
+    any thread count up to ``micro_batches``. Returns (net in eval mode, log of losses every
+    step). ``progress(step, steps, loss)`` is called after each step, and
     ``checkpoint(step, net)`` every ``checkpoint_every`` steps (0 = never; the net stays in
     training mode: copy what you keep).
     """
