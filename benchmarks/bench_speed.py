@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_speed.py render  [--presets base,shipped] [--size 256] [--steps 20] [--repeats 2]
-    python benchmarks/bench_speed.py threads [--busy 2] [--repeats 5] [--sizes 256,64]
+    python benchmarks/bench_speed.py threads [--busy 2] [--repeats 5] [--sizes 256,64] [--no-training]
     python benchmarks/bench_speed.py scaling [--sizes 256,512,1024] [--steps 2]
     python benchmarks/bench_speed.py cputime [--size 256] [--steps 20] [--repeats 3]
 
@@ -17,7 +17,7 @@ with the load average printed, because the development machine is shared.
   ``base`` is a fresh network (weights drawn at random, so that every block matters);
   ``shipped`` is the default checkpoint.
 - ``threads``: with ``--busy`` background processes spinning on the CPU, shipped-model
-  renders through the synthesis engine (2 guided steps, at each of ``--sizes``: 256 px is
+  renders through the synthesis engine (2 steps at ``--guidance``, at each of ``--sizes``: 256 px is
   the patch the designer and the batch dock render, 64 px a quick preview, which the engine
   runs on one thread) and segmenter training steps (through ``train_segmenter``: the
   ``tiny`` preset, and the default ``cpu`` preset in micro-batches as it trains now and in
@@ -178,18 +178,20 @@ def bench_threads(args) -> None:
     from nucsynth.threads import available_cpus, default_threads, set_threads, wait_policy
 
     synth = get_synthesizer(device="cpu")
-    options = synth.resolve(SynthesisOptions(steps=2, guidance=0.5))
+    options = synth.resolve(SynthesisOptions(steps=2, guidance=args.guidance))
+    kind = "guided" if options.guidance else "unguided"
 
     def render(size: int):
         items = [Item(0, 0, random_layout((size, size), synth.class_set, seed=0))]
-        return (f"sampling: 2 guided steps, shipped model, {size} px ({synth.network_positions(items)} positions)",
+        return (f"sampling: 2 {kind} steps, shipped model, {size} px ({synth.network_positions(items)} positions)",
                 lambda: synth.render(items, options))
 
     policy = default_threads()
     works = [render(size) for size in args.sizes]
-    # tiny: the step of earlier runs; cpu: the default (the downstream yardstick), as the
-    # presets train now and in one pass per batch as they did before
-    works += [_training("tiny", synth.class_set), _training("cpu", synth.class_set), _training("cpu", synth.class_set, 1)]
+    if args.training:
+        # tiny: the step of earlier runs; cpu: the default (the downstream yardstick), as the
+        # presets train now and in one pass per batch as they did before
+        works += [_training("tiny", synth.class_set), _training("cpu", synth.class_set), _training("cpu", synth.class_set, 1)]
     busy = _busy(args.busy)
     medians: dict[str, dict[int, float]] = {}
     try:
@@ -214,9 +216,10 @@ def bench_threads(args) -> None:
         for p in busy:
             p.kill()
             p.wait()
-    new, old = works[-2][0], works[-1][0]
-    print(f"cpu preset, now on the policy's threads / before on one thread: "
-          f"{medians[new][policy] / medians[old][1]:.3f}; on one thread, now / before: {medians[new][1] / medians[old][1]:.3f}")
+    if args.training:
+        new, old = works[-2][0], works[-1][0]
+        print(f"cpu preset, now on the policy's threads / before on one thread: {medians[new][policy] / medians[old][1]:.3f}; "
+              f"on one thread, now / before: {medians[new][1] / medians[old][1]:.3f}")
     print(f"at the end: {_load()}")
 
 
@@ -317,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("threads")
     t.add_argument("--busy", type=int, default=2, help="background processes spinning (default 2)")
     t.add_argument("--repeats", type=int, default=5)
-    t.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[256, 64],
-                   help="sampling canvas sizes in px (default 256,64)")
+    t.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",") if x], default=[256, 64],
+                   help="sampling canvas sizes in px (default 256,64; empty: none)")
+    t.add_argument("--no-training", dest="training", action="store_false", help="sampling only")
+    t.add_argument("--guidance", type=float, default=0.5,
+                   help="sampling guidance (default 0.5, as earlier runs; the shipped model renders at 0)")
     s = sub.add_parser("scaling")
     s.add_argument("--sizes", default="256,512,1024")
     s.add_argument("--steps", type=int, default=2)
