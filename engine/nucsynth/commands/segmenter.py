@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", type=Path, required=True, help="dataset store (.zarr)")
     t.add_argument("--split", default="train", help="split to train on (default: train; 'all' = every patch)")
     t.add_argument("--preset", default="cpu", choices=("tiny", "quick", "cpu", "base"),
-                   help="tiny: seconds, for tests; quick: 10-17 min on 2 cores; cpu: the yardstick, 25-37 min on 2 cores "
+                   help="tiny: seconds, for tests; quick: 10-17 min on 2 cores; cpu: the yardstick, 21-37 min on 2 cores "
                         "(default); base: a GPU model")
     t.add_argument("--out", type=Path, required=True, help="model folder to write (never the --data store)")
     t.add_argument("--overwrite", action="store_true",

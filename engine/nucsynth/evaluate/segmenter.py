@@ -170,7 +170,7 @@ TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marke
 # (without them the "other" class is never predicted). Colour jitter because the held-out
 # tiles are stained differently from the training ones. About 10-17 min on 2 cores.
 # cpu: the yardstick and the shipped segmenter. As quick, with two residual blocks per
-# level, 4000 steps (0.38-0.53 s each on two cores of a shared machine: 25-37 min measured),
+# level, 4000 steps (0.32-0.53 s each on two cores of a shared machine: 21-37 min measured),
 # HED stain jitter, and the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder
 # the type branch's loss dominated (HV terms 0.07 of 1.2), and merged nuclei were the main
 # error (docs/metrics.md).
