@@ -14,7 +14,6 @@ log) in one folder, written atomically; never pickle.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -455,6 +454,7 @@ def train_segmenter(
     per_epoch = max(1, len(data) // config.batch_size)
     in_micro_batches = dev.type == "cpu" and config.micro_batches > 1
     with MicroBatches(config.micro_batches) if in_micro_batches else contextlib.nullcontext() as micro:
+        forward = net if micro is None else micro.wrap(net)
         for step in range(config.steps):
             data.set_epoch(step // per_epoch)
             idx = torch.multinomial(draw_p, config.batch_size, replacement=True, generator=gen).tolist()
@@ -466,14 +466,10 @@ def train_segmenter(
                 batch["image"] = _color_jitter(batch["image"], config.color_jitter, gen)
             image, pad = _pad_to(batch["image"], config.multiple)
             image = image.contiguous(memory_format=fmt)
-            loss_fn = functools.partial(_padded_loss, pad=pad, batch=batch, weights=config.loss_weights,
-                                        class_weights=class_weights)
-            if micro is None:
-                opt.zero_grad(set_to_none=True)
-                loss, terms = loss_fn(net(image))
-                loss.backward()
-            else:
-                loss, terms = micro.backward(net, image, loss_fn)
+            out = {k: _unpad(v, pad) for k, v in forward(image).items()}
+            loss, terms = segmenter_loss(out, batch, config.loss_weights, class_weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             opt.step()
             sched.step()
             terms["loss"] = float(loss.detach())
@@ -483,12 +479,6 @@ def train_segmenter(
             if checkpoint is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
                 checkpoint(step + 1, net)
     return net.eval(), log
-
-
-def _padded_loss(out: dict[str, torch.Tensor], pad: tuple[int, int], batch: dict[str, torch.Tensor],
-                 weights: dict[str, float], class_weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """:func:`segmenter_loss` of outputs computed on an input padded by :func:`_pad_to`."""
-    return segmenter_loss({k: _unpad(v, pad) for k, v in out.items()}, batch, weights, class_weights)
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
