@@ -21,8 +21,9 @@ with the load average printed, because the development machine is shared.
   the patch the designer and the batch dock render, 64 px a quick preview, which the engine
   runs on one thread) and segmenter training steps (through ``train_segmenter``: the
   ``tiny`` preset, and the default ``cpu`` preset in micro-batches as it trains now and in
-  one pass per batch as before) with the engine's thread policy against one thread: ratio
-  policy / one thread, and the ``cpu`` preset now against before on one thread.
+  one pass per batch as before) and ``nucsynth train``'s loop (the ``tiny`` semantic model,
+  in micro-batches and in one pass) with the engine's thread policy against one thread:
+  ratio policy / one thread, and each training now against before on one thread.
 - ``scaling``: shipped model, wall time per solver step at each canvas size (canvases
   larger than the training size go through the windowed sampler); the exponent p of
   time ~ pixels^p fitted over the sizes.
@@ -172,6 +173,31 @@ def _training(preset: str, class_set, micro_batches: int | None = None, steps: i
     return f"segmenter train step, {preset} preset, batch {cfg.batch_size}, {cfg.crop} px, {how}", run
 
 
+def _diffusion_training(class_set, micro_batches: int, steps: int = 4):
+    """``nucsynth train``'s loop (:func:`nucsynth.train.train`) on the ``tiny`` semantic
+    model at 64 px, batch 8, on procedural samples: a callable that trains ``steps`` steps
+    into a temporary folder and returns the median time of a step after the first."""
+    from nucsynth.data.dataset import SampleDataset
+    from nucsynth.generate.tissue import procedural_sample
+    from nucsynth.models.semantic import SemanticModel
+    from nucsynth.train import TrainConfig, train
+
+    model = SemanticModel.from_preset("tiny", 64, class_set)
+    data = SampleDataset([procedural_sample((64, 64), class_set, seed=s) for s in range(16)], maps=model.data_maps,
+                         size=64, seed=0)
+    cfg = TrainConfig(steps=steps, batch_size=8, checkpoint_every=0, preview_at_end=False, device="cpu",
+                      micro_batches=micro_batches)
+
+    def run() -> float:
+        stamps: list[float] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            train(model, data, Path(tmp) / "run", cfg, progress=lambda *_: stamps.append(time.perf_counter()))
+        return float(np.median(np.diff(stamps)))
+
+    how = "one pass per batch (the former path)" if micro_batches == 1 else f"{micro_batches} micro-batches"
+    return f"diffusion train step (nucsynth train), tiny semantic, 64 px, batch 8, {how}", run
+
+
 def bench_threads(args) -> None:
     from nucsynth.generate.layouts import random_layout
     from nucsynth.synthesize import Item, SynthesisOptions, get_synthesizer
@@ -191,7 +217,8 @@ def bench_threads(args) -> None:
     if args.training:
         # tiny: the step of earlier runs; cpu: the default (the downstream yardstick), as the
         # presets train now and in one pass per batch as they did before
-        works += [_training("tiny", synth.class_set), _training("cpu", synth.class_set), _training("cpu", synth.class_set, 1)]
+        works += [_training("tiny", synth.class_set), _training("cpu", synth.class_set), _training("cpu", synth.class_set, 1),
+                  _diffusion_training(synth.class_set, 2), _diffusion_training(synth.class_set, 1)]
     busy = _busy(args.busy)
     medians: dict[str, dict[int, float]] = {}
     try:
@@ -217,9 +244,11 @@ def bench_threads(args) -> None:
             p.kill()
             p.wait()
     if args.training:
-        new, old = works[-2][0], works[-1][0]
-        print(f"cpu preset, now on the policy's threads / before on one thread: {medians[new][policy] / medians[old][1]:.3f}; "
-              f"on one thread, now / before: {medians[new][1] / medians[old][1]:.3f}")
+        for what, (new, old) in (("segmenter cpu preset", (works[-4][0], works[-3][0])),
+                                 ("diffusion training", (works[-2][0], works[-1][0]))):
+            print(f"{what}, now on the policy's threads / before on one thread: "
+                  f"{medians[new][policy] / medians[old][1]:.3f}; on one thread, now / before: "
+                  f"{medians[new][1] / medians[old][1]:.3f}")
     print(f"at the end: {_load()}")
 
 

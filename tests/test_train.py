@@ -32,10 +32,10 @@ def _one_thread():
 
 
 class ToyNet(nn.Module):
-    def __init__(self, channels: int = 8, cond_channels: int = 2) -> None:
+    def __init__(self, channels: int = 8, cond_channels: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
         self.inp = nn.Conv2d(3 + cond_channels, channels, 3, padding=1)
-        self.drop = nn.Dropout(0.1)  # exercises the global RNG on resume
+        self.drop = nn.Dropout(dropout)  # exercises the global RNG on resume
         self.out = nn.Conv2d(channels, 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,9 @@ class ToyFamily(ModelFamily):
     data_maps = ("onehot",)
     log_keys = ("dropped",)
 
-    def __init__(self, channels: int = 8) -> None:
+    def __init__(self, channels: int = 8, dropout: float = 0.1) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels, self.dropout = channels, dropout
 
     @classmethod
     def from_preset(cls, name, image_size, class_set, **options) -> "ToyFamily":
@@ -60,13 +60,13 @@ class ToyFamily(ModelFamily):
 
     @classmethod
     def from_config_dict(cls, d: Mapping[str, Any]) -> "ToyFamily":
-        return cls(int(d["channels"]))
+        return cls(int(d["channels"]), float(d.get("dropout", 0.1)))
 
     def config_dict(self) -> dict[str, Any]:
-        return {"channels": self.channels, "preset": "toy", "image_size": 8}
+        return {"channels": self.channels, "dropout": self.dropout, "preset": "toy", "image_size": 8}
 
     def build_network(self) -> nn.Module:
-        return ToyNet(self.channels)
+        return ToyNet(self.channels, dropout=self.dropout)
 
     def training_loss(self, net, batch, generator, cond_drop=0.0):
         x = batch["image"]
@@ -135,9 +135,10 @@ def test_train_logs_checkpoints_and_loss_falls(tmp_path):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, micro_batches):
     straight = tmp_path / "straight"
-    train(ToyFamily(), ToyData(), straight, _cfg())
+    train(ToyFamily(), ToyData(), straight, _cfg(micro_batches=micro_batches))
 
     class Kill(Exception):
         pass
@@ -148,11 +149,13 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
 
     killed = tmp_path / "killed"
     with pytest.raises(Kill):
-        train(ToyFamily(), ToyData(), killed, _cfg(), progress=kill_at_7)
+        train(ToyFamily(), ToyData(), killed, _cfg(micro_batches=micro_batches), progress=kill_at_7)
     assert [r["step"] for r in read_log(killed)] == list(range(1, 8))
     with pytest.raises(FileExistsError):
         train(ToyFamily(), ToyData(), killed, _cfg())  # an existing run is never overwritten
-    train(ToyFamily(), ToyData(), killed, _cfg(), resume=True)
+    with pytest.raises(ValueError, match=f"cannot resume exactly: the run used micro_batches={micro_batches}"):
+        train(ToyFamily(), ToyData(), killed, _cfg(micro_batches=3 - micro_batches), resume=True)
+    train(ToyFamily(), ToyData(), killed, _cfg(micro_batches=micro_batches), resume=True)
 
     a, b = read_log(straight), read_log(killed)
     assert [r["step"] for r in b] == list(range(1, 13))
@@ -161,6 +164,20 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     for which in ("model", "ema"):
         wa, wb = _weights(straight, which), _weights(killed, which)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), which
+
+
+def test_micro_batches_train_the_same_weights_on_one_thread_or_two(tmp_path):
+    """Without dropout the micro-batches run in parallel; the weights may not depend on it,
+    and they are the weights of one pass per batch up to rounding."""
+    runs = {}
+    for name, threads, micro in (("one", 1, 2), ("two", 2, 2), ("pass", 1, 1)):
+        torch.set_num_threads(threads)
+        train(ToyFamily(dropout=0.0), ToyData(), tmp_path / name, _cfg(steps=6, micro_batches=micro))
+        assert torch.get_num_threads() == threads  # the loop's worker setting is not left behind
+        runs[name] = _weights(tmp_path / name)
+    assert all(torch.equal(runs["one"][k], runs["two"][k]) for k in runs["one"])
+    assert all(torch.allclose(runs["one"][k], runs["pass"][k], rtol=1e-4, atol=1e-5) for k in runs["one"])
+    assert read_config(tmp_path / "two")["train"]["micro_batches"] == 2
 
 
 def test_resume_refuses_changed_seed_and_missing_run(tmp_path):
@@ -187,6 +204,10 @@ def test_bad_config_and_tiny_dataset_errors(tmp_path):
         TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="cond_drop"):
         TrainConfig(cond_drop=1.5)
+    for bad in (0, 9, True):
+        with pytest.raises(ValueError, match="micro_batches must be a whole number from 1 to the batch size 8"):
+            TrainConfig(micro_batches=bad)
+    assert TrainConfig.from_dict({}).micro_batches == 1  # runs saved before the field: one pass
     with pytest.raises(ValueError, match="too few"):
         train(ToyFamily(), ToyData(n=3), tmp_path / "r", _cfg(batch_size=4))
     assert TrainConfig.from_dict(_cfg().to_dict()) == _cfg()

@@ -42,6 +42,7 @@ _TRAIN_OPTIONS = {
     "seed": "seed",
     "device": "device",
     "workers": "num_workers",
+    "micro_batches": "micro_batches",
 }
 
 
@@ -94,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of weights, data order, augmentation and noise (default 0)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    g.add_argument("--micro-batches", type=int,
+                   help="on CPU, run each batch through the network as N micro-batches on worker threads (same "
+                        "weights for any --threads up to N; default 1: one pass, as fast for the diffusion presets)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
     size = model.image_size or args.image_size or 64
     dataset = _dataset(model, source, size, not args.no_augment, cfg.seed, args.precompute_latents)
     print(f"nucsynth train: {model.describe()} on {provenance['count']} patches from {args.data}, "
-          f"{cfg.total_steps} steps, batch {cfg.batch_size}", file=sys.stderr)
+          f"{cfg.total_steps} steps, batch {cfg.batch_size}"
+          + (f" in {cfg.micro_batches} micro-batches on CPU" if cfg.micro_batches > 1 else ""), file=sys.stderr)
 
     def report(step: int, total: int, logs: dict[str, float]) -> None:
         if step == 1 or step % 50 == 0 or step == total:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from nucsynth.data.tiling import crop_to_source
 from nucsynth.layout import ClassSet, Layout, Sample
-from nucsynth.micro_batches import MicroBatches
+from nucsynth.micro_batches import CPU_MICRO_BATCHES, MicroBatches
 from nucsynth.postprocess import hv_watershed
 
 __all__ = [
@@ -173,9 +173,6 @@ TINY_POSTPROCESS: dict[str, float] = {"threshold": 0.5, "sobel_ksize": 7, "marke
 # HED stain jitter, and the HV losses weighted 4x (MSE) and 8x (MSGE): in the shared decoder
 # the type branch's loss dominated (HV terms 0.07 of 1.2), and merged nuclei were the main
 # error (docs/metrics.md).
-# The CPU presets' micro-batches per batch: two threads each run whole micro-batches, so a
-# busy machine does not stall them at every operation (docs/benchmarks.md).
-CPU_MICRO_BATCHES = 2
 QUICK: dict[str, Any] = {"widths": (16, 32, 64, 128), "blocks": 1, "decoder": "shared", "steps": 2000, "batch_size": 8,
                          "lr": 2e-3, "crop": 96, "postprocess": TINY_POSTPROCESS, "class_weighting": "sqrt",
                          "rare_boost": 3.0, "color_jitter": 0.1, "micro_batches": CPU_MICRO_BATCHES}
