@@ -14,6 +14,8 @@
 # 5. export the EMA weights of both in float16 into the package (about 9 MB together), with
 #    guidance 0 recorded as the model's default: unguided renders were the closest to real
 #    `val` tissue for every judge, with class identity intact (docs/models.md, "Guidance").
+# The trainings run one pass per batch (--micro-batches 1), as the shipped weights were
+# trained before micro-batches existed.
 # Times on the shared 2-core CPU are in docs/models.md. Both trainings resume exactly:
 # re-run the same command after an interruption (the train steps are given --resume when
 # their run folder already holds checkpoints).
@@ -33,17 +35,18 @@ resume() { [ -d "$1/checkpoints" ] && echo --resume || true; }
 "$BIN/nucsynth" train $(resume "$RUN/autoencoder") --family autoencoder --label-aware --preset tiny \
     --data "$RUN/consep.zarr" --split train --image-size 64 --steps 400 --batch-size 8 --lr 4e-4 --warmup 100 \
     --ema 0.999 --checkpoint-every 200 --preview-every 200 --seed 0 --threads "$THREADS" --device cpu \
-    --out "$RUN/autoencoder"
+    --micro-batches 1 --out "$RUN/autoencoder"
 
 "$BIN/nucsynth" train $(resume "$RUN/latent") --family semantic --autoencoder "$RUN/autoencoder/checkpoints/step_0000400" \
     --preset tiny --data "$RUN/consep.zarr" --split train --image-size 128 --steps "$STEPS" --batch-size 8 \
     --lr 2e-4 --warmup 100 --ema 0.995 --cond-drop 0.1 --checkpoint-every 100 --keep-checkpoints 3 \
-    --preview-every 500 --seed 0 --threads "$THREADS" --device cpu --precompute-latents --out "$RUN/latent"
+    --preview-every 500 --seed 0 --threads "$THREADS" --device cpu --precompute-latents --micro-batches 1 \
+    --out "$RUN/latent"
 
 # 4. a better decoder for the same latent space: 600 more steps of the decoder alone (frozen encoder)
 "$BIN/nucsynth" train $(resume "$RUN/decoder") --family autoencoder --finetune-decoder "$RUN/autoencoder/checkpoints/step_0000400" \
     --data "$RUN/consep.zarr" --split train --steps 600 --batch-size 8 --lr 2e-4 --warmup 50 --ema 0.999 \
-    --checkpoint-every 100 --seed 0 --threads "$THREADS" --device cpu --out "$RUN/decoder"
+    --checkpoint-every 100 --seed 0 --threads "$THREADS" --device cpu --micro-batches 1 --out "$RUN/decoder"
 
 # 5. layout statistics of the training patches (the demo's random layouts), then the export
 "$BIN/nucsynth" stats "$RUN/consep.zarr" --split train --out "$RUN/latent/layout_stats.json"

@@ -53,15 +53,20 @@ def test_train_command_writes_run_and_resumes(run_dir, store_path):
     assert main(again + ["--resume", "--steps", "4"]) == 0
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3, 4]
     assert read_config(run_dir)["step"] == 4 and read_config(run_dir)["train"]["batch_size"] == 2
-    assert cfg["train"]["micro_batches"] == 1 and read_config(run_dir)["train"]["micro_batches"] == 1
-    assert main(again + ["--resume", "--steps", "5", "--micro-batches", "2"]) == 2  # would not replay exactly
+    # a new run on CPU splits each batch in two micro-batches; the resumed run kept that
+    assert cfg["train"]["micro_batches"] == 2 and read_config(run_dir)["train"]["micro_batches"] == 2
+    assert main(again + ["--resume", "--steps", "5", "--micro-batches", "1"]) == 2  # would not replay exactly
 
 
-def test_train_command_in_micro_batches(store_path, tmp_path, capsys):
-    run = tmp_path / "micro"
+def test_train_command_micro_batches(store_path, tmp_path, capsys):
+    run = tmp_path / "one_pass"
     assert main(["train", "--data", str(store_path), "--out", str(run), "--image-size", "32", "--steps", "2",
-                 "--batch-size", "2", "--micro-batches", "2", "--threads", "2", "--device", "cpu"]) == 0
-    assert read_config(run)["train"]["micro_batches"] == 2 and "in 2 micro-batches on CPU" in capsys.readouterr().err
+                 "--batch-size", "2", "--micro-batches", "1", "--threads", "2", "--device", "cpu"]) == 0
+    assert read_config(run)["train"]["micro_batches"] == 1 and "micro-batches" not in capsys.readouterr().err
+    single = tmp_path / "single"  # a batch of one cannot be split: the default fits it
+    assert main(["train", "--data", str(store_path), "--out", str(single), "--image-size", "32", "--steps", "1",
+                 "--batch-size", "1", "--threads", "1", "--device", "cpu"]) == 0
+    assert read_config(single)["train"]["micro_batches"] == 1
     assert main(["train", "--data", str(store_path), "--out", str(tmp_path / "bad"), "--batch-size", "2",
                  "--micro-batches", "3"]) == 2
     assert "micro_batches must be a whole number from 1 to the batch size 2" in capsys.readouterr().err

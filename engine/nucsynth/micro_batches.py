@@ -35,9 +35,10 @@ import torch.nn as nn
 
 __all__ = ["MicroBatches", "MicroBatchedNetwork", "CPU_MICRO_BATCHES"]
 
-# Micro-batches per batch of the segmenter's CPU presets: two threads each run whole
-# micro-batches. Four gave the same speed under load and cost 1.10 x on one thread (two:
-# 1.02 x), measured on the segmenter (docs/benchmarks.md).
+# Micro-batches per batch of CPU training by default (the segmenter's CPU presets, new
+# `nucsynth train` runs): two threads each run whole micro-batches. Four gave the same
+# speed under load and cost 1.10 x on one thread (two: 1.02 x), measured on the segmenter
+# (docs/benchmarks.md).
 CPU_MICRO_BATCHES = 2
 
 T = TypeVar("T")

@@ -87,10 +87,11 @@ class TrainConfig:
     device: str | None = None
     num_workers: int = 0
     # On CPU in one process, each batch goes through the network as this many micro-batches
-    # on worker threads (nucsynth.micro_batches), and the weights do not depend on the
-    # thread count up to this many threads. 1 = one pass per batch (the default: for the
-    # tiny diffusion model it was as fast on two threads, busy or idle, and 1.05 x on one;
-    # always on GPUs and under DDP).
+    # on worker threads (nucsynth.micro_batches): as fast as splitting every operation on
+    # an idle machine, steadily faster than one thread on a busy one (where one pass ranged
+    # from 0.83 to 1.21 x one thread's time), and the weights do not depend on the thread
+    # count up to this many threads. `nucsynth train` uses 2 for new runs. 1 = one pass per
+    # batch (runs saved before this field; always on GPUs and under DDP).
     micro_batches: int = 1
 
     def __post_init__(self) -> None:

@@ -97,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     g.add_argument("--micro-batches", type=int,
                    help="on CPU, run each batch through the network as N micro-batches on worker threads (same "
-                        "weights for any --threads up to N; default 1: one pass, as fast for the diffusion presets)")
+                        "weights for any --threads up to N; 1 = one pass; default 2 for a new run, the run's own "
+                        "with --resume)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,7 +263,12 @@ def run(args: argparse.Namespace) -> int:
         args.family, args.preset = args.family or "semantic", args.preset or "tiny"
         args.image_size = args.image_size or 64
         model = _build_model(args, class_set)
-        cfg = TrainConfig(**_given(args))
+        given = _given(args)
+        if "micro_batches" not in given:  # a new run; a resumed one keeps its own count
+            from nucsynth.micro_batches import CPU_MICRO_BATCHES
+
+            given["micro_batches"] = min(CPU_MICRO_BATCHES, given.get("batch_size", TrainConfig.batch_size))
+        cfg = TrainConfig(**given)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun
