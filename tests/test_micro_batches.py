@@ -147,6 +147,9 @@ def test_bad_counts_are_refused_and_an_error_leaves_the_thread_count_as_it_was()
         with MicroBatches(2, threads=2) as micro:
             micro.wrap(Failing())(torch.zeros(2, 3, 8, 8))
     assert torch.get_num_threads() == before
+    with pytest.raises(TypeError, match="not to tensors inside lists"):
+        with MicroBatches(2, threads=2) as micro:
+            micro.wrap(net)(torch.zeros(2, 3, 8, 8), [torch.zeros(2, 8, requires_grad=True)])
     with MicroBatches(2, threads=2) as micro:  # usable again afterwards
         _pooled_loss(micro.wrap(net)(torch.zeros(2, 3, 8, 8))).backward()
 

@@ -20,8 +20,10 @@ What stays exact:
   thread (``threads`` <= ``count``), the weights are therefore the same for any thread
   count, bit for bit; with more threads than micro-batches each worker gets
   ``threads // count`` intra-op threads, which is still deterministic for a given count.
-- A network with active dropout draws from torch's global generator; its micro-batches
-  then run one after the other, in order, so the draws stay reproducible.
+- A network with active dropout modules draws from torch's global generator; its
+  micro-batches then run one after the other, in order, so the draws stay reproducible.
+  (A network that draws random numbers in its forward in another way would not be: none
+  of the engine's does.)
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class MicroBatchedNetwork:
             return self.net(*args)
         if batch < self.micro.count:
             raise ValueError(f"a batch of {batch} cannot be split into {self.micro.count} micro-batches")
+        if any(isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) and x.requires_grad for x in a)
+               for a in args):
+            raise TypeError("micro-batches pass gradients to tensor arguments only, not to tensors inside lists")
         params = [p for p in self.net.parameters() if p.requires_grad]
         inputs = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
         state: dict[str, Any] = {"net": self.net, "micro": self.micro, "args": args, "batch": batch, "inputs": inputs,
