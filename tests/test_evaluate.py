@@ -145,6 +145,38 @@ def test_an_interrupted_downstream_resumes_to_the_uninterrupted_result(stores, t
     assert not journal.exists()
 
 
+def test_a_journal_of_a_version_before_micro_batches_resumes_with_one_pass(stores, tmp_path, monkeypatch, capsys):
+    """A journal written before segmenter configs had micro_batches (they trained in one
+    pass) resumes with --micro-batches 1; the new default is refused, naming the segmenter,
+    and the finished run is kept."""
+    from nucsynth.outputs import partial_path
+
+    real, _ = stores
+    args = ["evaluate", "downstream", "--real", str(real), "--steps", "1", "--batch-size", "2", "--crop", "32",
+            "--device", "cpu", "--fractions", "0.5", "--seeds", "2", "--tune-every", "0", "--out", str(tmp_path / "o")]
+    real_train = D.train_segmenter
+
+    def killed_after_one(*a, **k):
+        if k.get("seed") == 1:
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(D, "train_segmenter", killed_after_one)
+    assert main(args + ["--micro-batches", "1"]) == 130
+    journal = partial_path(tmp_path / "o" / "downstream.json")
+    lines = journal.read_text().splitlines()
+    head = json.loads(lines[0])
+    del head["settings"]["segmenter"]["micro_batches"]  # as the earlier version wrote it
+    journal.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    monkeypatch.setattr(D, "train_segmenter", real_train)
+    capsys.readouterr()
+    assert main(args) == 2  # the default, two micro-batches, would mix results
+    assert "differing: segmenter" in capsys.readouterr().err and len(journal.read_text().splitlines()) == 2
+    assert main(args + ["--micro-batches", "1"]) == 0
+    assert "resuming: 1 run(s) finished earlier" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "o" / "downstream.json").read_text())["runs"]) == 2
+
+
 def test_the_downstream_journal_refuses_other_settings_and_drops_a_cut_line(tmp_path):
     from nucsynth.outputs import Journal
 

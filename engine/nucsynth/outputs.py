@@ -343,9 +343,14 @@ class Journal:
     job finished, and refuses a journal of other settings rather than mixing results.
     """
 
-    def __init__(self, path: str | Path, settings: Mapping[str, Any]) -> None:
+    def __init__(self, path: str | Path, settings: Mapping[str, Any],
+                 upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """``upgrade`` (optional) takes the settings read from a journal and returns them as
+        this version records them (e.g. an option added since, at the value that reproduces
+        the old behaviour), so that journals of earlier versions still resume."""
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
+        self.upgrade = upgrade
 
     def load(self) -> list[dict[str, Any]]:
         """The units journaled by an earlier run with the same settings ([] when there is no
@@ -364,6 +369,8 @@ class Journal:
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{self.path} is not a journal of this job (its first line is not a settings "
                              "record): delete it to start over") from None
+        if self.upgrade is not None and isinstance(have, dict):
+            have = self.upgrade(have)
         diff = [k for k in sorted(set(have) | set(self.settings)) if have.get(k) != self.settings.get(k)]
         rows, good = [], len(lines[0]) + 1
         for line in lines[1:-1]:  # the piece after the last newline is empty or was cut short

@@ -24,6 +24,7 @@ labelled subsets by k-means (:mod:`nucsynth.evaluate.subsets`) for ``downstream 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,22 @@ def _downstream_journal(args: argparse.Namespace, config: Any, device: str, subs
         "segmenter": config.to_dict(), "tune_every": args.tune_every, "device": device,
         "threads": torch.get_num_threads(),
     }
-    return outputs.Journal(outputs.partial_path(args.out / "downstream.json"), settings)
+    return outputs.Journal(outputs.partial_path(args.out / "downstream.json"), settings, _upgrade_journal_settings)
+
+
+def _upgrade_journal_settings(have: dict[str, Any]) -> dict[str, Any]:
+    """Settings of an earlier version's journal as this one records them: its segmenter
+    config with the fields added since at their defaults (e.g. ``micro_batches`` 1, the one
+    pass those runs trained with), so that ``--micro-batches 1`` resumes such a journal."""
+    from nucsynth.evaluate.segmenter import SegmenterConfig
+
+    seg = have.get("segmenter")
+    if not isinstance(seg, dict):
+        return have
+    try:
+        return {**have, "segmenter": json.loads(json.dumps(SegmenterConfig.from_dict(seg).to_dict()))}
+    except ValueError:  # not a config this version reads: it stays different, and the journal is refused
+        return have
 
 
 def _leakage(args: argparse.Namespace, synthetic: Any, test: Any) -> list[str]:
