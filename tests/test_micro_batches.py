@@ -190,3 +190,11 @@ def test_every_model_familys_training_loss_gets_the_one_pass_gradient(family):
         assert (g is None) == (w is None)
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
+
+
+def test_one_micro_batch_or_another_device_is_the_network_itself():
+    net = _Net()
+    with MicroBatches(1, threads=2) as micro:
+        assert micro.wrap(net) is net
+    assert MicroBatches.for_device(2, torch.device("meta")).count == 1
+    assert MicroBatches.for_device(2, torch.device("cpu")).count == 2

@@ -73,6 +73,12 @@ class MicroBatches:
         self._pool: ThreadPoolExecutor | None = None
         self._threads_before: int | None = None
 
+    @classmethod
+    def for_device(cls, count: int, device: torch.device) -> "MicroBatches":
+        """``count`` micro-batches on CPU; one pass (a no-op) on other devices, where the
+        network's own parallelism is the fast path."""
+        return cls(count if device.type == "cpu" else 1)
+
     def __enter__(self) -> "MicroBatches":
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(self.threads_per_worker)
@@ -97,10 +103,11 @@ class MicroBatches:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
 
-    def wrap(self, net: nn.Module) -> "MicroBatchedNetwork":
+    def wrap(self, net: nn.Module) -> "nn.Module | MicroBatchedNetwork":
         """``net`` called in micro-batches: same arguments and outputs as ``net``; the
-        backward of the outputs sets the same gradients as one pass would, up to rounding."""
-        return MicroBatchedNetwork(net, self)
+        backward of the outputs sets the same gradients as one pass would, up to rounding.
+        With one micro-batch, ``net`` itself."""
+        return net if self.count == 1 else MicroBatchedNetwork(net, self)
 
 
 class MicroBatchedNetwork:
@@ -129,8 +136,7 @@ class MicroBatchedNetwork:
             raise TypeError("micro-batches pass gradients to tensor arguments only, not to tensors inside lists")
         params = [p for p in self.net.parameters() if p.requires_grad]
         inputs = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        state: dict[str, Any] = {"net": self.net, "micro": self.micro, "args": args, "batch": batch, "inputs": inputs,
-                                 "n_params": len(params)}
+        state: dict[str, Any] = {"net": self.net, "micro": self.micro, "args": args, "batch": batch, "inputs": inputs}
         flat = _MicroBatchedCall.apply(state, *(args[i] for i in inputs), *params)
         return _unflatten(state["structure"], list(flat))
 
@@ -139,10 +145,8 @@ def _split(value: Any, batch: int, count: int) -> list[Any]:
     """``value`` cut into ``count`` micro-batches when it holds one entry per sample."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return list(value.tensor_split(count))
-    if isinstance(value, (list, tuple)) and len(value) == batch:
-        bounds = [len(c) for c in torch.arange(batch).tensor_split(count)]
-        starts = [sum(bounds[:i]) for i in range(count)]
-        return [type(value)(value[s:s + n]) for s, n in zip(starts, bounds)]
+    if isinstance(value, (list, tuple)) and len(value) == batch:  # the tensors' cut points
+        return [value[int(c[0]):int(c[-1]) + 1] for c in torch.arange(batch).tensor_split(count)]
     return [value] * count
 
 

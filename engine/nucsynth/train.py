@@ -421,15 +421,13 @@ def _train(
         if step > cfg.total_steps:
             raise ValueError(f"{ckpt} is at step {step}, beyond the requested {cfg.total_steps} steps")
 
-    ddp_net: Any = net  # the network as the loss calls it: plain, DDP, or in micro-batches
-    micro: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    # the network as the loss calls it: DDP across processes, else in micro-batches on CPU
+    micro = MicroBatches.for_device(cfg.micro_batches if d.world == 1 else 1, device)
+    ddp_net: Any = micro.wrap(net)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    elif device.type == "cpu" and cfg.micro_batches > 1:
-        micro = MicroBatches(cfg.micro_batches)
-        ddp_net = micro.wrap(net)
 
     use_amp = cfg.amp and device.type == "cuda"
     bpe = _batches_per_epoch(dataset, cfg, d)

@@ -13,7 +13,6 @@ log) in one folder, written atomically; never pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -449,9 +448,8 @@ def train_segmenter(
     gen = torch.Generator().manual_seed(seed)
     log: list[dict[str, float]] = []
     per_epoch = max(1, len(data) // config.batch_size)
-    in_micro_batches = dev.type == "cpu" and config.micro_batches > 1
-    with MicroBatches(config.micro_batches) if in_micro_batches else contextlib.nullcontext() as micro:
-        forward = net if micro is None else micro.wrap(net)
+    with MicroBatches.for_device(config.micro_batches, dev) as micro:
+        forward = micro.wrap(net)
         for step in range(config.steps):
             data.set_epoch(step // per_epoch)
             idx = torch.multinomial(draw_p, config.batch_size, replacement=True, generator=gen).tolist()
